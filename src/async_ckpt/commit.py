@@ -1,0 +1,126 @@
+"""Per-rank reports, rank 0's commit, and one outcome that every rank sees.
+
+Ranks coordinate through a c10d ``Store`` (the job's default store under a per-run prefix, or a
+``HashStore`` for a single process), never through a collective, so this runs on each rank's
+background commit thread (invariant 5). Every wait polls with a deadline (invariant 4).
+
+Per save ``seq``::
+
+    every rank   report(seq)  ──▶  rank 0  collect(seq)  ─ all ok ─▶ manifest, publish dir ─┐
+    every rank   outcome(seq) ◀────────────────────────  publish(seq, ok | failure) ◀────────┘
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import CheckpointSaveError, CheckpointTimeoutError, ReplicationValidationError
+
+logger = logging.getLogger(__name__)
+
+_POLL_MIN_S = 0.001
+_POLL_MAX_S = 0.05
+_ERROR_TYPES = {
+    "save": CheckpointSaveError,
+    "timeout": CheckpointTimeoutError,
+    "replication": ReplicationValidationError,
+}
+
+
+@dataclass
+class Report:
+    """What one rank tells rank 0 about its part of a save."""
+
+    rank: int
+    ok: bool
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> FileEntry fields
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    error: str = ""  # message naming rank, step, phase and path when not ok
+    kind: str = "save"  # error type: "save" | "timeout" | "replication"
+
+
+@dataclass
+class Outcome:
+    """What rank 0 publishes: the committed path, or the one error every rank raises."""
+
+    ok: bool
+    path: str = ""
+    error: str = ""
+    kind: str = "save"
+
+    def exception(self) -> CheckpointSaveError:
+        return _ERROR_TYPES.get(self.kind, CheckpointSaveError)(self.error)
+
+
+class CommitChannel:
+    """The per-save key space on a Store: ``<seq>/report/<rank>`` and ``<seq>/outcome``.
+
+    One instance per manager per rank. Its methods are called only by that rank's background
+    commit thread (one save at a time), never by the training thread.
+    """
+
+    def __init__(self, store: Any, rank: int, world_size: int) -> None:
+        self._store = store
+        self.rank = rank
+        self.world_size = world_size
+
+    def report(self, seq: int, report: Report) -> None:
+        """Every rank: hand in this rank's report for save ``seq``. Does not block on other ranks."""
+        self._store.set(f"{seq}/report/{self.rank}", json.dumps(asdict(report)))
+
+    def collect(self, seq: int, timeout_s: float) -> list[Report]:
+        """Rank 0: wait until every rank has reported ``seq`` or ``timeout_s`` passes.
+
+        Raises ``CheckpointTimeoutError`` naming the ranks that did not report.
+        """
+        keys = [f"{seq}/report/{r}" for r in range(self.world_size)]
+        missing = self._wait(keys, timeout_s)
+        if missing:
+            ranks = ", ".join(k.rsplit("/", 1)[1] for k in missing)
+            raise CheckpointTimeoutError(f"rank(s) {ranks} did not report within {timeout_s:g}s")
+        return [Report(**json.loads(self._store.get(k))) for k in keys]
+
+    def publish(self, seq: int, outcome: Outcome) -> None:
+        """Rank 0: publish the outcome of ``seq`` and forget the keys of the save before it.
+
+        Every rank reports ``seq`` only after it has read the outcome of ``seq - 1``, so once all
+        reports of ``seq`` are in, nobody reads ``seq - 1``'s keys again.
+        """
+        self._store.set(f"{seq}/outcome", json.dumps(asdict(outcome)))
+        self._forget(seq - 1)
+
+    def outcome(self, seq: int, timeout_s: float) -> Outcome:
+        """Every rank but 0: wait for rank 0's outcome of ``seq``, at most ``timeout_s``."""
+        if self._wait([f"{seq}/outcome"], timeout_s):
+            return Outcome(ok=False, kind="timeout", error=f"rank 0 did not publish the outcome within {timeout_s:g}s (rank 0 died or stalled)")
+        return Outcome(**json.loads(self._store.get(f"{seq}/outcome")))
+
+    def _wait(self, keys: list[str], timeout_s: float) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        pending = list(keys)
+        delay = _POLL_MIN_S
+        while True:
+            pending = [k for k in pending if not self._store.check([k])]
+            if not pending or time.monotonic() >= deadline:
+                return pending
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, _POLL_MAX_S)
+
+    def _forget(self, seq: int) -> None:
+        if seq < 0:
+            return
+        for key in [f"{seq}/outcome"] + [f"{seq}/report/{r}" for r in range(self.world_size)]:
+            try:
+                self._store.delete_key(key)
+            except Exception:  # some stores cannot delete; the keys are small
+                return
+
+
+def first_failure(reports: list[Report]) -> Report | None:
+    """The failed report of the lowest rank, if any (pure): the one error every rank will raise."""
+    failed = [r for r in reports if not r.ok]
+    return min(failed, key=lambda r: r.rank) if failed else None

@@ -1,0 +1,113 @@
+"""The load half: pick the newest checkpoint that verifies, read this rank's files, restore.
+
+Runs on the training thread. Reading and verifying happen before any component is touched, so
+a damaged checkpoint is skipped (auto-resume) or refused (explicit path) without leaving the
+model half-loaded. Cross-rank agreement is the manager's job (it gathers ``problems``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .components import SharingPattern, StateComponent
+from .errors import CheckpointError, CheckpointLoadError
+from .layout import slot
+from .manifest import Manifest, read_manifest
+from .serialization import read_safetensors, read_torch
+from .storage import read_file, safe_member
+from .topology import Topology
+
+logger = logging.getLogger(__name__)
+
+_SHARED = (SharingPattern.GLOBAL, SharingPattern.REPLICATED)  # one file every rank reads
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What ``CheckpointManager.load`` restored."""
+
+    step: int
+    path: Path
+    loaded: list[str] = field(default_factory=list)  # component keys restored
+    skipped: list[str] = field(default_factory=list)  # optional components left as they were
+
+
+@dataclass
+class ReadPlan:
+    """This rank's view of one candidate: decoded states, skips, and what is wrong with it."""
+
+    manifest: Manifest | None = None
+    states: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # key -> reason
+    damage: list[str] = field(default_factory=list)  # the checkpoint cannot be trusted
+    refusal: list[str] = field(default_factory=list)  # it is fine, but cannot load into this job
+
+
+def read_candidate(path: Path, components: list[StateComponent], topology: Topology, *, verify: bool, strict: bool) -> ReadPlan:
+    """Read and check every file this rank needs from checkpoint ``path`` (no state is changed)."""
+    plan = ReadPlan()
+    try:
+        plan.manifest = manifest = read_manifest(path)
+    except CheckpointError as exc:
+        plan.damage.append(str(exc))
+        return plan
+    for component in components:
+        where = slot(component, topology)
+        entry = manifest.components.get(component.key)
+        names = [n for n, f in manifest.files.items() if f.component == component.key and f.slot == where]
+        if entry is not None and component.sharing_pattern not in _SHARED and manifest.world_size != topology.world_size:
+            plan.refusal.append(
+                f"component '{component.key}' was saved with world size {manifest.world_size}, this job has "
+                f"{topology.world_size}; {component.sharing_pattern.value} state cannot be resharded: resume with "
+                f"{manifest.world_size} ranks"
+            )
+            continue
+        if entry is None or not names:
+            reason = "not in the checkpoint's manifest" if entry is None else f"has no file for {where}"
+            _absent(plan, component, reason, strict)
+            continue
+        name = names[0]
+        file = safe_member(path, name)
+        if not file.exists():
+            _absent(plan, component, f"file {name} is listed in the manifest but missing (deleted for a partial resume?)", strict)
+            continue
+        info = manifest.files[name]
+        try:
+            data = read_file(file, size=info.size, xxh3=info.xxh3 if verify else None, codec=info.codec)
+            plan.states[component.key] = read_safetensors(data, path=file) if ".safetensors" in name else read_torch(data, path=file)
+        except CheckpointError as exc:
+            plan.damage.append(f"component '{component.key}': {exc}")
+    return plan
+
+
+def _absent(plan: ReadPlan, component: StateComponent, reason: str, strict: bool) -> None:
+    text = f"component '{component.key}' {reason}"
+    if component.required:
+        plan.damage.append(f"required {text}")
+    elif strict:
+        plan.refusal.append(f"{text}; pass strict=False to skip optional components")
+    else:
+        plan.skipped[component.key] = reason
+
+
+def apply_states(plan: ReadPlan, components: list[StateComponent], path: Path, rank: int) -> LoadResult:
+    """Restore every read component into its live object, in component order."""
+    assert plan.manifest is not None
+    loaded = []
+    for component in components:
+        if component.key not in plan.states:
+            continue
+        try:
+            component.stateful.load_state_dict(plan.states[component.key])
+        except Exception as exc:
+            raise CheckpointLoadError(
+                f"[rank {rank} step {plan.manifest.step} component '{component.key}'] load_state_dict failed: "
+                f"{type(exc).__name__}: {exc} (path: {path})"
+            ) from exc
+        loaded.append(component.key)
+    for key, reason in plan.skipped.items():
+        logger.warning("[rank %d step %d] skipped optional component '%s': %s", rank, plan.manifest.step, key, reason)
+    return LoadResult(step=plan.manifest.step, path=path, loaded=loaded, skipped=sorted(plan.skipped))

@@ -1,0 +1,344 @@
+"""``CheckpointManager``: save without stopping training, commit atomically, resume by itself.
+
+Public methods are called on the training thread, by every rank of the job in the same order
+(``save``, ``load`` and construction are collective over the manager's ranks). Background work
+runs on one commit thread and ``num_io_threads`` I/O threads per rank (see ``saving``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from . import faults
+from .commit import CommitChannel, Report
+from .components import StateComponent, ValidationLevel, check_components
+from .errors import CheckpointConfigError, CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointNotFoundError, describe
+from .handle import SaveHandle
+from .layout import checkpoint_dirname, file_name, list_committed, slot, staging_dirname, writes
+from .loading import LoadResult, apply_states, read_candidate
+from .retention import clean_leftovers
+from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_job
+from .staging import StagingPool
+from .topology import Topology, group_places
+from .validation import validate_replication
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    """Saves and loads a list of ``StateComponent``s under ``output_dir``.
+
+    Construction is collective: every rank of ``process_group`` (default: the whole job) builds
+    its manager at the same point; rank 0 removes what crashed saves left behind.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        components: Sequence[StateComponent],
+        *,
+        async_save: bool = True,
+        process_group: Any = None,
+        process_groups: Mapping[str, Any] | None = None,
+        num_io_threads: int = 4,
+        compression: str | None = None,
+        compression_level: int = 1,
+        save_total_limit: int | None = None,
+        verify_on_load: bool = True,
+        timeout_s: float = 600.0,
+        on_busy: str = "block",
+        pin_memory: bool | None = None,
+    ) -> None:
+        _check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
+        self.output_dir = Path(output_dir)
+        self.components = list(components)
+        self.async_save = async_save
+        self.verify_on_load = verify_on_load
+        self.timeout_s = float(timeout_s)
+        self.on_busy = on_busy
+        process_groups = dict(process_groups or {})
+        check_components(self.components, list(process_groups))
+        distributed = dist.is_available() and dist.is_initialized()
+        self._coord = _coordination_group(process_group, self.timeout_s) if distributed else None
+        self._world_ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD) if distributed else [0]
+        base = Topology.detect(process_group)
+        places = self._group_places(process_groups, base.rank) if process_groups else {}
+        self.topology = Topology(base.rank, base.world_size, base.local_rank, base.node, places)
+        self.run_id = self._start(distributed)
+        store = dist.PrefixStore(f"async_ckpt/{self.run_id}/", dist.distributed_c10d._get_default_store()) if distributed else dist.HashStore()
+        self._pool = StagingPool(pin_memory)
+        self._io = concurrent.futures.ThreadPoolExecutor(num_io_threads, thread_name_prefix="async_ckpt-io")
+        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
+        self._ctx = SaveContext(
+            rank=self.topology.rank,
+            world_size=self.topology.world_size,
+            output_dir=self.output_dir,
+            channel=CommitChannel(store, self.topology.rank, self.topology.world_size),
+            io_pool=self._io,
+            codec=compression,
+            level=compression_level,
+            timeout_s=self.timeout_s,
+            save_total_limit=save_total_limit,
+            components=[_describe_component(c) for c in self.components],
+        )
+        self._seq = 0
+        self._last: SaveHandle | None = None
+        self._closed = False
+
+    # ----------------------------------------------------------------------------------- save
+
+    def prepare(self) -> None:
+        """Allocate the staging buffers now, so the first ``save()`` stalls no longer than later ones."""
+        for component in self.components:
+            if writes(component, self.topology):
+                self._pool.reserve(component.key, component.stateful.state_dict())
+
+    def save(self, step: int) -> SaveHandle:
+        """Snapshot every component and return while the checkpoint is written in the background.
+
+        Training thread, every rank, same steps in the same order. Blocks while the previous save
+        still holds the staging buffers (``on_busy="block"``) or returns a skipped handle on every
+        rank (``"skip"``); then for the copy into the buffers; with ``async_save=False`` until
+        the commit. Raises first the unobserved failure of an earlier save, if any; raises
+        ``ReplicationValidationError`` on every rank when a REPLICATED component differs.
+        """
+        self._check_open()
+        started = time.perf_counter()
+        self._raise_unobserved()
+        step = int(step)
+        final = self.output_dir / checkpoint_dirname(step)
+        if self._busy_decision():
+            logger.info("[rank %d step %d] previous save still in flight: skipping this one (on_busy='skip')", self.topology.rank, step)
+            return SaveHandle(step, final, skipped=True)
+        if self._last is not None:
+            self._last._released.wait()
+        seq, self._seq = self._seq, self._seq + 1
+        handle = SaveHandle(step, final)
+        copy_started = time.perf_counter()
+        tasks, failure = self._snapshot(step)
+        now = time.perf_counter()
+        job = SaveJob(
+            seq=seq, step=step, handle=handle, tasks=tasks, failure=failure, final=final,
+            staging=self.output_dir / staging_dirname(step, f"{self.run_id}-{seq}"),
+            timings={"stall_s": now - started, "snapshot_s": now - copy_started},
+        )
+        handle.timings.update(job.timings)
+        self._last = handle
+        self._committer.submit(run_job, self._ctx, job)
+        logger.debug("[rank %d step %d] staged in %.1f ms", self.topology.rank, step, 1000 * (now - started))
+        if not self.async_save:
+            handle.wait()
+        return handle
+
+    def _snapshot(self, step: int) -> tuple[list[FileTask], Report | None]:
+        """Validate REPLICATED components, then copy this rank's share of every component."""
+        topo = self.topology
+        self._validate(step)
+        tasks = []
+        component = None
+        try:
+            for component in self.components:
+                if writes(component, topo):
+                    staged = self._pool.stage(component.key, component.stateful.state_dict())
+                    tasks.append(FileTask(component, file_name(component, topo, self._ctx.codec is not None), slot(component, topo), staged))
+            faults.hit("after_snapshot", topo.rank)
+        except Exception as exc:
+            key = component.key if component is not None else None
+            return [], Report(rank=topo.rank, ok=False, error=describe(f"{type(exc).__name__}: {exc}", rank=topo.rank, step=step, component=key, phase="snapshot"))
+        return tasks, None
+
+    def _validate(self, step: int) -> None:
+        if self._coord is None or self.topology.world_size == 1:
+            return
+        for component in self.components:
+            if component.validation is ValidationLevel.NONE:
+                continue
+            try:
+                state = component.stateful.state_dict()
+            except Exception as exc:  # still take part in the collective, so no rank hangs
+                state = {"__state_dict_failed__": f"{type(exc).__name__}: {exc}"}
+            validate_replication(component.key, state, component.validation, self._coord, rank=self.topology.rank, step=step)
+
+    def _busy_decision(self) -> bool:
+        """With ``on_busy="skip"``: whether any rank still holds the buffers (agreed by all)."""
+        if self.on_busy != "skip" or self._last is None:
+            return False
+        busy = not self._last._released.is_set()
+        if self._coord is None:
+            return busy
+        flags: list[Any] = [None] * self.topology.world_size
+        dist.all_gather_object(flags, busy, group=self._coord)
+        return any(flags)
+
+    # ----------------------------------------------------------------------------------- wait
+
+    def wait(self) -> Path | None:
+        """Block until the last save has committed; return its path. Raises its failure once."""
+        self._check_open()
+        handle = self._last
+        if handle is None or handle.skipped:
+            return None
+        handle._future.exception(self.timeout_s + outcome_margin(self.timeout_s) + 60)
+        return handle.wait(0) if not handle.observed else None
+
+    def close(self) -> None:
+        """Drain in-flight saves and stop the background threads. Idempotent.
+
+        Raises the failure of the last save if nobody has seen it yet.
+        """
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._committer.shutdown(wait=True)
+            self._io.shutdown(wait=True)
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as error:  # do not hide the exception that is already unwinding
+            logger.error("while closing after %s: %s", exc_type.__name__, error)
+
+    # ----------------------------------------------------------------------------------- load
+
+    def latest(self) -> Path | None:
+        """The newest committed checkpoint directory (by step), without verifying it."""
+        committed = list_committed(self.output_dir)
+        return committed[-1][1] if committed else None
+
+    def load(self, checkpoint: str | os.PathLike[str] | None = None, strict: bool = True) -> LoadResult | None:
+        """Restore every component from a checkpoint; collective over the manager's ranks.
+
+        ``checkpoint=None``: the newest committed checkpoint that verifies; damaged ones are
+        skipped with the reason logged; returns None when there is none at all. A path: that
+        checkpoint, or ``CheckpointNotFoundError`` / ``CheckpointCorruptError``. ``strict=False``
+        skips optional components whose files are missing; required ones always load.
+        """
+        self._check_open()
+        self.wait()
+        explicit = checkpoint is not None
+        if explicit:
+            path = Path(checkpoint)  # type: ignore[arg-type]
+            if not path.is_dir():
+                raise CheckpointNotFoundError(f"[rank {self.topology.rank}] no checkpoint at {path}")
+            candidates = [path]
+        else:
+            candidates = self._broadcast([p for _, p in reversed(list_committed(self.output_dir))])
+        skipped_reasons = []
+        for path in candidates:
+            plan = read_candidate(path, self.components, self.topology, verify=self.verify_on_load, strict=strict)
+            verdicts = self._gather((plan.damage, plan.refusal))
+            damage = [f"rank {r}: {d}" for r, (ds, _) in enumerate(verdicts) for d in ds]
+            refusal = [f"rank {r}: {d}" for r, (_, rs) in enumerate(verdicts) for d in rs]
+            if damage:
+                if explicit:
+                    raise CheckpointCorruptError(f"Checkpoint {path} is damaged: " + "; ".join(damage))
+                logger.warning("[rank %d] skipping damaged checkpoint %s: %s", self.topology.rank, path, "; ".join(damage))
+                skipped_reasons.append(f"{path.name}: {damage[0]}")
+                continue
+            if refusal:
+                raise CheckpointLoadError(f"Cannot load {path} into this job: " + "; ".join(refusal))
+            result = apply_states(plan, self.components, path, self.topology.rank)
+            logger.info("[rank %d step %d] loaded %s: loaded=%s skipped=%s", self.topology.rank, result.step, path, result.loaded, result.skipped)
+            return result
+        if skipped_reasons:
+            raise CheckpointCorruptError(
+                f"No committed checkpoint under {self.output_dir} verifies: " + "; ".join(skipped_reasons)
+                + ". Delete them or load one explicitly after repairing it."
+            )
+        return None
+
+    # ----------------------------------------------------------------------------------- internals
+
+    def _start(self, distributed: bool) -> str:
+        """Rank 0 cleans leftovers of earlier runs, then every rank learns this run's id."""
+        run_id = uuid.uuid4().hex[:12]
+        if self.topology.is_rank0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.output_dir)
+        return self._broadcast(run_id) if distributed else run_id
+
+    def _group_places(self, groups: Mapping[str, Any], rank: int) -> dict:
+        mine = {}
+        for name, group in groups.items():
+            members = dist.get_process_group_ranks(group)
+            mine[name] = tuple(self._world_ranks.index(m) for m in members)
+        gathered = self._gather(mine)
+        return group_places({name: [g[name] for g in gathered] for name in groups}, rank)
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self._coord is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._world_ranks[0], group=self._coord)
+        return box[0]
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if self._coord is None:
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size(self._coord)
+        dist.all_gather_object(out, obj, group=self._coord)
+        return out
+
+    def _raise_unobserved(self) -> None:
+        last = self._last
+        if last is not None and last.done() and last.failed() and not last.observed:
+            last.observed = True
+            raise last.exception()  # type: ignore[misc]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"CheckpointManager for {self.output_dir} is closed")
+
+
+def _coordination_group(process_group: Any, timeout_s: float) -> Any:
+    """A gloo group over the manager's ranks, used only by the training thread (invariant 5)."""
+    group = process_group or dist.group.WORLD
+    if dist.get_backend(group) == "gloo":
+        return group
+    import datetime
+
+    return dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _describe_component(component: StateComponent) -> dict[str, Any]:
+    return {
+        "key": component.key,
+        "sharing_pattern": component.sharing_pattern.value,
+        "required": component.required,
+        "file_format": component.file_format.value,  # type: ignore[union-attr]
+        "group": component.group,
+        "metadata": component.metadata,
+    }
+
+
+def _check_args(num_io_threads: int, compression: str | None, level: int, limit: int | None, timeout_s: float, on_busy: str) -> None:
+    if not isinstance(num_io_threads, int) or num_io_threads < 1:
+        raise CheckpointConfigError(f"num_io_threads must be a positive integer, got {num_io_threads!r}")
+    if compression not in (None, "zstd"):
+        raise CheckpointConfigError(f"compression must be None or 'zstd', got {compression!r}")
+    if compression == "zstd" and not (-7 <= level <= 22):
+        raise CheckpointConfigError(f"compression_level for zstd must be in -7..22, got {level}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise CheckpointConfigError(f"save_total_limit must be None or at least 1, got {limit!r}")
+    if not timeout_s > 0:
+        raise CheckpointConfigError(f"timeout_s must be positive, got {timeout_s!r}")
+    if on_busy not in ("block", "skip"):
+        raise CheckpointConfigError(f"on_busy must be 'block' or 'skip', got {on_busy!r}")
