@@ -88,7 +88,7 @@ class StagingPool:
         def visit(value: Any, path: str) -> None:
             if isinstance(value, torch.Tensor):
                 if value.layout is torch.strided:
-                    self._buffer(key, path, value)
+                    self._buffer(key, path, value, touch=True)
             elif isinstance(value, Mapping):
                 for k, v in value.items():
                     visit(v, f"{path}.{k}")
@@ -118,12 +118,18 @@ class StagingPool:
             memo[ident] = buffer
         return buffer
 
-    def _buffer(self, key: str, path: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, key: str, path: str, tensor: torch.Tensor, touch: bool = False) -> torch.Tensor:
+        """The buffer for ``(key, path)``, allocated on first use or when shape or dtype change.
+
+        ``touch`` writes zeros so the kernel maps every page now rather than during a save.
+        """
         buffer = self._buffers.get((key, path))
         if buffer is not None and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
             return buffer
         pin = self._pin and tensor.is_cuda
         buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+        if touch:
+            buffer.zero_()
         self._buffers[(key, path)] = buffer
         self.stats.allocations += 1
         self.stats.bytes_allocated += buffer.numel() * buffer.element_size()

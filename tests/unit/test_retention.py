@@ -35,7 +35,7 @@ def _make(root: Path, name: str, content: bytes = b"x") -> Path:
         ([1, 1, 2, 2, 3], 2, (), [1]),  # duplicates counted once
         ([10, 9, 100], 1, (), [9, 10]),  # numeric, not string, order
         ([1, 2, 3, 4], 2, (1,), [2, 3]),  # protected (best) kept, counts toward the limit
-        ([1, 2, 3, 4], 2, (1, 2), []),  # many protected: more than limit remain
+        ([1, 2, 3, 4], 2, (1, 2), [3]),  # many protected: all others go, more than limit remain
         ([1, 2, 3, 4], 1, (2,), [1, 3]),
         ([1, 2, 3], 1, (99,), [1, 2]),  # protecting an unknown step changes nothing
         ([5], 1, (), []),
