@@ -4,7 +4,7 @@
 
 Trains a small MLP (DDP, 2 ranks, gloo on CPU) with examples/demo_worker.py, three times:
 
-1. with async checkpoints every 40 steps (``save_total_limit=3``), until the parent (this
+1. with async checkpoints every 25 steps (``save_total_limit=3``), until the parent (this
    script) SIGKILLs both ranks while a save is still being written;
 2. the same command again: it resumes by itself from the newest committed checkpoint, after
    removing the torn save, and trains to the end;
@@ -91,7 +91,7 @@ def committed(ckpt_dir: Path) -> str:
 def print_save(ev: dict, saves: list[dict]) -> None:
     saves.append(ev)
     print(f"   step {ev['step']:3d}  loss {ev['loss']:.3f}  -> {ev['path']} committed;"
-          f"  training stalled {ev['stall_ms']:5.1f} ms  (torch.save + fsync: {ev['torch_save_ms']:6.1f} ms)")
+          f"  training stalled {ev['stall_ms']:5.1f} ms [copy {ev['copy_ms']:5.1f}] (torch.save + fsync: {ev['torch_save_ms']:6.1f} ms)")
 
 
 def main() -> None:

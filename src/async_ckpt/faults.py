@@ -3,14 +3,18 @@
 Production code calls ``hit(point, rank)`` at each phase boundary; it does nothing unless a
 fault is armed, either in-process with ``arm()`` or for a child process through the environment
 variable ``ASYNC_CKPT_FAULTS="point:action[:rank][,...]"``. Actions: ``raise`` (an ``OSError``),
-``kill`` (SIGKILL this process), ``stall`` (sleep for an hour).
+``enospc`` (an ``OSError`` with ``errno.ENOSPC``, as a full disk gives), ``kill`` (SIGKILL this
+process), ``stall`` (sleep ``ASYNC_CKPT_STALL_S`` seconds, default one hour).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 POINTS = (
     "after_snapshot",  # training thread, once the copy is taken
@@ -21,15 +25,21 @@ POINTS = (
     "before_manifest",  # rank 0 commit thread, every report in
     "before_publish",  # rank 0, manifest durable, staging not yet renamed
     "before_retention",  # rank 0, committed, before old checkpoints are deleted
+    "mid_delete",  # rank 0, a checkpoint renamed out of its name, its files not yet deleted
+    "after_delete",  # rank 0, one checkpoint deleted, the next not yet
 )
+ACTIONS = ("raise", "enospc", "kill", "stall")
 ENV = "ASYNC_CKPT_FAULTS"
-_armed: dict[str, tuple[str, int | None]] = {}
+STALL_ENV = "ASYNC_CKPT_STALL_S"
+_armed: dict[str, tuple[Any, int | None]] = {}
 
 
-def arm(point: str, action: str = "raise", rank: int | None = None) -> None:
-    """Arm ``point`` in this process (tests only)."""
+def arm(point: str, action: str | Callable[[str, int], None] = "raise", rank: int | None = None) -> None:
+    """Arm ``point`` in this process (tests only). ``action`` may also be a callback(point, rank)."""
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}; known: {', '.join(POINTS)}")
+    if not callable(action) and action not in ACTIONS:
+        raise ValueError(f"unknown fault action {action!r}; known: {', '.join(ACTIONS)}")
     _armed[point] = (action, rank)
 
 
@@ -45,10 +55,14 @@ def hit(point: str, rank: int) -> None:
     action, only_rank = armed
     if only_rank is not None and only_rank != rank:
         return
-    if action == "kill":
+    if callable(action):
+        action(point, rank)
+    elif action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "stall":
-        time.sleep(3600)
+        time.sleep(float(os.environ.get(STALL_ENV, "3600")))
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {point} on rank {rank})")
     else:
         raise OSError(f"injected fault at {point} on rank {rank}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .components import SharingPattern, StateComponent
-from .errors import CheckpointError, CheckpointLoadError
+from .errors import CheckpointError, CheckpointFormatError, CheckpointLoadError
 from .layout import slot
 from .manifest import Manifest, read_manifest
 from .serialization import read_safetensors, read_torch
@@ -44,6 +44,7 @@ class ReadPlan:
     skipped: dict[str, str] = field(default_factory=dict)  # key -> reason
     damage: list[str] = field(default_factory=list)  # the checkpoint cannot be trusted
     refusal: list[str] = field(default_factory=list)  # it is fine, but cannot load into this job
+    too_new: bool = False  # written by a newer async_ckpt (format_version)
 
 
 def read_candidate(path: Path, components: list[StateComponent], topology: Topology, *, verify: bool, strict: bool) -> ReadPlan:
@@ -53,6 +54,7 @@ def read_candidate(path: Path, components: list[StateComponent], topology: Topol
         plan.manifest = manifest = read_manifest(path)
     except CheckpointError as exc:
         plan.damage.append(str(exc))
+        plan.too_new = isinstance(exc, CheckpointFormatError)
         return plan
     for component in components:
         where = slot(component, topology)

@@ -21,7 +21,16 @@ import torch.distributed as dist
 from . import faults
 from .commit import CommitChannel, Report
 from .components import StateComponent, ValidationLevel, check_components
-from .errors import CheckpointConfigError, CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointNotFoundError, describe
+from .errors import (
+    CheckpointConfigError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointLoadError,
+    CheckpointNotFoundError,
+    CheckpointTimeoutError,
+    describe,
+)
 from .handle import SaveHandle
 from .layout import checkpoint_dirname, file_name, list_committed, slot, staging_dirname, writes
 from .loading import LoadResult, apply_states, read_candidate
@@ -92,6 +101,7 @@ class CheckpointManager:
         )
         self._seq = 0
         self._last: SaveHandle | None = None
+        self._unsettled: list[SaveHandle] = []  # saves whose failure may not have been raised yet
         self._closed = False
 
     # ----------------------------------------------------------------------------------- save
@@ -133,6 +143,7 @@ class CheckpointManager:
         )
         handle.timings.update(job.timings)
         self._last = handle
+        self._unsettled.append(handle)
         self._committer.submit(run_job, self._ctx, job)
         logger.debug("[rank %d step %d] staged in %.1f ms", self.topology.rank, step, 1000 * (now - started))
         if not self.async_save:
@@ -182,13 +193,20 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------- wait
 
     def wait(self) -> Path | None:
-        """Block until the last save has committed; return its path. Raises its failure once."""
+        """Block until every save in flight has ended; return the last one's committed path.
+
+        Training thread. Raises, once, the failure of any save nobody has seen fail yet.
+        """
         self._check_open()
-        handle = self._last
-        if handle is None or handle.skipped:
-            return None
-        handle._future.exception(self.timeout_s + outcome_margin(self.timeout_s) + 60)
-        return handle.wait(0) if not handle.observed else None
+        limit = self.timeout_s + outcome_margin(self.timeout_s) + 60
+        for handle in list(self._unsettled):
+            try:
+                handle._future.exception(limit)
+            except concurrent.futures.TimeoutError:
+                raise CheckpointTimeoutError(f"[rank {self.topology.rank} step {handle.step}] save still running after {limit:g}s (path: {handle.path})") from None
+        self._raise_unobserved()
+        last = self._last
+        return None if last is None or last.skipped or last.failed() else last.wait(0)
 
     def close(self) -> None:
         """Drain in-flight saves and stop the background threads. Idempotent.
@@ -244,12 +262,13 @@ class CheckpointManager:
         skipped_reasons = []
         for path in candidates:
             plan = read_candidate(path, self.components, self.topology, verify=self.verify_on_load, strict=strict)
-            verdicts = self._gather((plan.damage, plan.refusal))
-            damage = [f"rank {r}: {d}" for r, (ds, _) in enumerate(verdicts) for d in ds]
-            refusal = [f"rank {r}: {d}" for r, (_, rs) in enumerate(verdicts) for d in rs]
+            verdicts = self._gather((plan.damage, plan.refusal, plan.too_new))
+            damage = [f"rank {r}: {d}" for r, (ds, _, _) in enumerate(verdicts) for d in ds]
+            refusal = [f"rank {r}: {d}" for r, (_, rs, _) in enumerate(verdicts) for d in rs]
             if damage:
                 if explicit:
-                    raise CheckpointCorruptError(f"Checkpoint {path} is damaged: " + "; ".join(damage))
+                    error = CheckpointFormatError if any(v[2] for v in verdicts) else CheckpointCorruptError
+                    raise error(f"Checkpoint {path} cannot be read: " + "; ".join(damage))
                 logger.warning("[rank %d] skipping damaged checkpoint %s: %s", self.topology.rank, path, "; ".join(damage))
                 skipped_reasons.append(f"{path.name}: {damage[0]}")
                 continue
@@ -298,10 +317,14 @@ class CheckpointManager:
         return out
 
     def _raise_unobserved(self) -> None:
-        last = self._last
-        if last is not None and last.done() and last.failed() and not last.observed:
-            last.observed = True
-            raise last.exception()  # type: ignore[misc]
+        """Raise the oldest finished save's failure that nobody has seen; forget settled saves."""
+        for handle in list(self._unsettled):
+            if not handle.done():
+                continue
+            self._unsettled.remove(handle)
+            if handle.failed() and not handle.observed:
+                handle.observed = True
+                raise handle.exception()  # type: ignore[misc]
 
     def _check_open(self) -> None:
         if self._closed:

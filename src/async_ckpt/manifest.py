@@ -176,7 +176,10 @@ def check_files(directory: Path, manifest: Manifest, names: list[str] | None = N
     """
     missing, problems = [], []
     for name in manifest.files if names is None else names:
-        entry = manifest.files[name]
+        entry = manifest.files.get(name)
+        if entry is None:
+            problems.append(f"{directory / name}: not listed in the manifest")
+            continue
         try:
             path = safe_member(directory, name)
         except CheckpointCorruptError as exc:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import faults
 from .layout import checkpoint_dirname, list_committed, list_leftovers, trash_dirname
 from .storage import fsync_dir, remove_tree
 
@@ -44,6 +45,7 @@ def delete_checkpoint(output_dir: Path, step: int) -> None:
     trash = Path(output_dir) / trash_dirname(step, uuid.uuid4().hex[:12], "deleting")
     os.rename(source, trash)
     fsync_dir(Path(output_dir))
+    faults.hit("mid_delete", 0)
     remove_tree(trash)
 
 
@@ -54,6 +56,7 @@ def apply_retention(output_dir: Path, limit: int | None, protected: Iterable[int
     for step in doomed:
         delete_checkpoint(output_dir, step)
         logger.info("retention: deleted checkpoint-%d (limit %s)", step, limit)
+        faults.hit("after_delete", 0)
     return doomed
 
 

@@ -135,7 +135,7 @@ def _write_one(ctx: SaveContext, directory: Path, task: FileTask) -> WrittenFile
         if task.component.file_format is FileFormat.SAFETENSORS:
             write_safetensors(_FaultSink(sink, ctx.rank), task.state, component=task.component.key)
         else:
-            write_torch(_FaultSink(sink, ctx.rank), task.state)
+            write_torch(_FaultSink(sink, ctx.rank), task.state, component=task.component.key)
         faults.hit("before_fsync", ctx.rank)
 
     written = write_file(directory, task.name, produce, codec=ctx.codec, level=ctx.level)

@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import struct
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,10 +102,12 @@ def read_safetensors(data: bytes, *, path: Any = None) -> dict[str, torch.Tensor
     """Parse safetensors bytes into a state dict, re-tying aliased names."""
     try:
         state = safetensors.torch.load(data)
-        metadata = _safetensors_metadata(data)
+        aliases = json.loads(_safetensors_metadata(data).get(ALIASES_KEY, "{}"))
+        if not isinstance(aliases, dict):
+            raise ValueError(f"{ALIASES_KEY} is not an object")
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise CheckpointCorruptError(f"Cannot parse safetensors file {path}: {exc}") from None
-    for alias, target in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
+    for alias, target in aliases.items():
         if target not in state:
             raise CheckpointCorruptError(f"Safetensors file {path}: alias {alias!r} points to missing {target!r}")
         state[alias] = state[target]
@@ -116,8 +119,37 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
-def write_torch(sink: Any, state: Any) -> None:
+_PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, torch.Tensor)
+
+
+def check_plain(state: Any, *, component: str, path: str = "") -> None:
+    """Refuse what ``torch.load(weights_only=True)`` would refuse, before it is written.
+
+    A checkpoint that commits but can never load is worse than a save that fails: the error names
+    the component and where in its state dict the offending value sits.
+    """
+    if isinstance(state, _PLAIN_LEAVES):
+        return
+    if type(state) in (dict, OrderedDict):
+        for key, value in state.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise CheckpointError(f"Component '{component}': key {key!r} at '{path or '<root>'}' is a {type(key).__name__}; use str or int keys.")
+            check_plain(value, component=component, path=f"{path}.{key}" if path else str(key))
+        return
+    if type(state) in (list, tuple, set):
+        for index, value in enumerate(state):
+            check_plain(value, component=component, path=f"{path}.{index}" if path else str(index))
+        return
+    raise CheckpointError(
+        f"Component '{component}': value at '{path or '<root>'}' is a {type(state).__module__}.{type(state).__qualname__}, "
+        "which torch.load(weights_only=True) refuses. Return tensors and plain containers "
+        "(dict, list, tuple, str, int, float, bool, None) from state_dict()."
+    )
+
+
+def write_torch(sink: Any, state: Any, *, component: str = "?") -> None:
     """``torch.save`` a state made of plain containers and tensors into ``sink``."""
+    check_plain(state, component=component)
     torch.save(state, sink)
 
 

@@ -85,9 +85,13 @@ class StagingPool:
         stalls no longer than later ones.
         """
 
+        seen: set[tuple] = set()
+
         def visit(value: Any, path: str) -> None:
             if isinstance(value, torch.Tensor):
-                if value.layout is torch.strided:
+                ident = _identity(value)
+                if value.layout is torch.strided and not (value.numel() and ident in seen):
+                    seen.add(ident)
                     self._buffer(key, path, value, touch=True)
             elif isinstance(value, Mapping):
                 for k, v in value.items():
@@ -102,7 +106,7 @@ class StagingPool:
         tensor = tensor.detach()
         if tensor.layout is not torch.strided:  # sparse and friends: rare, copied fresh each save
             return tensor.to("cpu", copy=True)
-        ident = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        ident = _identity(tensor)
         if tensor.numel() and ident in memo:
             return memo[ident]
         buffer = self._buffer(key, path, tensor)
@@ -141,3 +145,8 @@ class StagingPool:
             self._stream = torch.cuda.Stream(device=device)
         return self._stream
 
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Two names with the same identity are the same memory (tied weights): one buffer serves both."""
+    return (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)

@@ -189,10 +189,14 @@ def read_file(path: Path, *, size: int, xxh3: str | None, codec: str | None) -> 
     if xxh3 is not None and xxhash.xxh3_64_hexdigest(data) != xxh3:
         raise CheckpointCorruptError(f"Hash mismatch for {path}: the file's bytes do not match the manifest's xxh3")
     if codec == "zstd":
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
         try:
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            plain = decompressor.decompress(data)
         except zstandard.ZstdError as exc:
             raise CheckpointCorruptError(f"Cannot decompress {path}: {exc}") from None
+        if not decompressor.eof or decompressor.unused_data:
+            raise CheckpointCorruptError(f"Cannot decompress {path}: the zstd stream is truncated or has trailing bytes")
+        return plain
     if codec is not None:
         raise CheckpointCorruptError(f"Unknown codec {codec!r} for {path}")
     return data

@@ -64,7 +64,7 @@ def test_missing_rank_times_out_naming_it():
     with pytest.raises(CheckpointTimeoutError, match=r"rank\(s\) 2 did not report within 0.3s"):
         chans[0].collect(0, timeout_s=0.3)
     elapsed = time.monotonic() - started
-    assert 0.25 <= elapsed < 2.0
+    assert 0.25 <= elapsed < 5.0
 
 
 @pytest.mark.timeout(60)
@@ -107,7 +107,7 @@ def test_outcome_times_out_when_rank0_never_publishes():
     _, chans = _channels(2)
     started = time.monotonic()
     outcome = chans[1].outcome(0, timeout_s=0.3)
-    assert 0.25 <= time.monotonic() - started < 2.0
+    assert 0.25 <= time.monotonic() - started < 5.0
     assert not outcome.ok and outcome.kind == "timeout"
     assert "rank 0 did not publish" in outcome.error
     assert isinstance(outcome.exception(), CheckpointTimeoutError)

@@ -202,7 +202,6 @@ def test_reserve_preallocates():
     _assert_bitwise_equal(staged, model.state_dict())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: reserve() allocates a buffer for every alias of a tied tensor; stage() uses only one")
 def test_reserve_allocates_tied_weights_once():
     emb = torch.nn.Embedding(100, 8)
     state = {"emb.weight": emb.weight, "out.weight": emb.weight}

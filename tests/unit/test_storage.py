@@ -126,7 +126,6 @@ def test_read_corrupt_zstd(tmp_path):
         read_file(tmp_path / "g.zst", size=len(garbage), xxh3=None, codec="zstd")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: read_file accepts a truncated zstd stream (decompressobj never checks eof) and returns partial bytes")
 def test_read_truncated_zstd_refused(tmp_path):
     written = _write(tmp_path, codec="zstd")
     path = tmp_path / "f.bin"

@@ -1,0 +1,126 @@
+"""``TrainingArguments``: what to train, when to save, where to resume from.
+
+A frozen, keyword-only dataclass; ``__post_init__`` rejects bad values at construction with the
+reason and the fix, so a typo fails before any model is built. ``DDPTrainingArguments`` and
+``PipelineTrainingArguments`` (in ``ddp`` and ``pipeline``) add their own fields.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Union
+
+SAVE_STRATEGIES = ("no", "steps", "epoch")
+SCHEDULER_TYPES = ("constant", "linear")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingArguments:
+    """Arguments of ``Trainer.train()``; the defaults turn on async, auto-resuming checkpoints."""
+
+    output_dir: Union[str, "os.PathLike[str]"] = "tmp_trainer"  # checkpoints go to <output_dir>/checkpoint-<step>
+    max_steps: int = -1  # optimizer steps to train; -1: train num_train_epochs epochs instead
+    num_train_epochs: int = 1  # epochs to train when max_steps is -1
+    per_device_train_batch_size: int = 8  # samples per rank per step
+    learning_rate: float = 5e-5  # peak learning rate of the default AdamW
+    weight_decay: float = 0.0  # AdamW weight decay
+    lr_scheduler_type: str = "linear"  # "constant" | "linear" (warmup, then decay to 0 at the last step)
+    warmup_steps: int = 0  # linear warmup steps of the default scheduler
+    max_grad_norm: float | None = None  # clip the gradient norm to this value; None: no clipping
+    seed: int = 42  # seeds Python, NumPy and torch at train(); data order is a function of (seed, epoch)
+    logging_steps: int = 10  # log loss and learning rate every N steps; 0: never
+    dataloader_num_workers: int = 0  # worker processes of the default StatefulDataLoader
+    dataloader_drop_last: bool = False  # drop the last incomplete batch of each epoch
+    save_strategy: str = "steps"  # "no" | "steps" (every save_steps) | "epoch" (each epoch end)
+    save_steps: int = 500  # with "steps": save when global_step % save_steps == 0
+    save_total_limit: int | None = None  # keep at most N committed checkpoints; None: keep all
+    save_safetensors: bool = True  # model as model.safetensors; False: model.pt (torch.save)
+    resume_from_checkpoint: Union[bool, str, "os.PathLike[str]"] = True  # True: newest or fresh; path: that one; False: fresh
+    async_save: bool = True  # write checkpoints in the background while training goes on
+    save_io_threads: int = 4  # background writer threads per rank
+    save_compression: str | None = None  # None | "zstd"
+    save_compression_level: int = 1  # zstd level (-7..22)
+    save_on_busy: str = "block"  # a save while the previous one is in flight: "block" | "skip"
+    save_timeout_s: float = 600.0  # a save that has not committed after this long fails
+    verify_on_load: bool = True  # check every file's xxh3 before resuming from it
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        """Every bad value, each with its fix (subclasses extend the list)."""
+        out = []
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
+            out.append(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        if not _is_int(self.max_steps) or (self.max_steps < 1 and self.max_steps != -1):
+            out.append(f"max_steps must be a positive integer, or -1 to train num_train_epochs epochs; got {self.max_steps!r}")
+        if self.max_steps == -1 and (not _is_int(self.num_train_epochs) or self.num_train_epochs < 1):
+            out.append(f"num_train_epochs must be a positive integer when max_steps is -1; got {self.num_train_epochs!r}")
+        out += _positive(self, "per_device_train_batch_size", "save_io_threads")
+        out += _non_negative_int(self, "warmup_steps", "logging_steps", "dataloader_num_workers", "seed")
+        if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or self.learning_rate < 0:
+            out.append(f"learning_rate must be a number >= 0, got {self.learning_rate!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            out.append(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            out.append(f"max_grad_norm must be None or a number > 0, got {self.max_grad_norm!r}")
+        out += _choice(self, "lr_scheduler_type", SCHEDULER_TYPES)
+        out += _choice(self, "save_strategy", SAVE_STRATEGIES)
+        if self.save_strategy == "steps" and (not _is_int(self.save_steps) or self.save_steps < 1):
+            out.append(f"save_steps must be a positive integer with save_strategy='steps', got {self.save_steps!r}")
+        if self.save_total_limit is not None and (not _is_int(self.save_total_limit) or self.save_total_limit < 1):
+            out.append(f"save_total_limit must be None (keep all) or at least 1, got {self.save_total_limit!r}")
+        out += _bools(self, "save_safetensors", "async_save", "verify_on_load", "dataloader_drop_last")
+        resume = self.resume_from_checkpoint
+        if not isinstance(resume, (bool, str, os.PathLike)) or (not isinstance(resume, bool) and not os.fspath(resume)):
+            out.append(
+                f"resume_from_checkpoint must be True (newest checkpoint, or fresh), False (fresh) or "
+                f"the path of a checkpoint directory; got {resume!r}"
+            )
+        if self.save_compression not in (None, "zstd"):
+            out.append(f"save_compression must be None or 'zstd', got {self.save_compression!r}")
+        if self.save_compression == "zstd" and not (_is_int(self.save_compression_level) and -7 <= self.save_compression_level <= 22):
+            out.append(f"save_compression_level must be an integer in -7..22 for zstd, got {self.save_compression_level!r}")
+        out += _choice(self, "save_on_busy", ("block", "skip"))
+        if not isinstance(self.save_timeout_s, (int, float)) or not self.save_timeout_s > 0:
+            out.append(f"save_timeout_s must be a number of seconds > 0, got {self.save_timeout_s!r}")
+        return out
+
+    def manager_options(self) -> dict[str, Any]:
+        """The ``CheckpointManager`` keyword arguments these arguments ask for."""
+        return {
+            "async_save": self.async_save,
+            "num_io_threads": self.save_io_threads,
+            "compression": self.save_compression,
+            "compression_level": self.save_compression_level,
+            "save_total_limit": self.save_total_limit,
+            "verify_on_load": self.verify_on_load,
+            "timeout_s": float(self.save_timeout_s),
+            "on_busy": self.save_on_busy,
+        }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(args: Any, *names: str) -> list[str]:
+    return [f"{n} must be a positive integer, got {getattr(args, n)!r}" for n in names if not _is_int(getattr(args, n)) or getattr(args, n) < 1]
+
+
+def _non_negative_int(args: Any, *names: str) -> list[str]:
+    return [f"{n} must be an integer >= 0, got {getattr(args, n)!r}" for n in names if not _is_int(getattr(args, n)) or getattr(args, n) < 0]
+
+
+def _bools(args: Any, *names: str) -> list[str]:
+    return [f"{n} must be True or False, got {getattr(args, n)!r}" for n in names if not isinstance(getattr(args, n), bool)]
+
+
+def _choice(args: Any, name: str, allowed: tuple[str, ...]) -> list[str]:
+    value = getattr(args, name)
+    if value in allowed:
+        return []
+    return [f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}"]

@@ -1,0 +1,357 @@
+"""``BaseTrainer``: the training loop, and when it saves and where it resumes from.
+
+One plain loop on the training thread::
+
+    train():  seed -> CheckpointManager(get_state_components()) -> resume -> loop -> final save -> close
+    loop:     batch (crossing epoch ends) -> training_step -> global_step += 1 -> log -> maybe save
+
+Saves return as soon as the state is staged; the files are written in the background while the
+next steps run. A save that fails is logged and training goes on (the next save retries); a
+replication failure (ranks that should agree do not) propagates, since it is a training bug.
+``Trainer``, ``DDPTrainer`` and ``PipelineTrainer`` override the small hooks: how the model is
+wrapped, where batches come from, what one step does, and how each component is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import CheckpointError, CheckpointManager, CheckpointSaveError, ReplicationValidationError, SaveHandle
+from .. import SharingPattern, StateComponent, ValidationLevel, rng_component
+from .args import TrainingArguments
+from .data import EpochIterator, batch_rows, build_dataloader, is_stateful, to_device
+from .optim import default_optimizer, default_scheduler
+from .state import TrainerState, TrainOutput
+
+logger = logging.getLogger(__name__)
+
+_SKIP_NOTES = {
+    "optimizer": "the optimizer starts from fresh state",
+    "scheduler": "the learning-rate schedule starts from its first step",
+    "trainer": "training progress (global_step, epoch) starts from 0",
+    "dataset": "the data position is lost: the current epoch restarts from its first batch",
+    "rng": "random generators keep this run's seeds: dropout and augmentation differ from an uninterrupted run",
+}
+
+
+class BaseTrainer:
+    """Trains ``model`` on ``train_dataset`` (or ``train_dataloader``) and checkpoints as it goes.
+
+    Construct on the training thread (every rank, same arguments, when distributed); ``train()``
+    is collective across ranks in the distributed trainers. Attributes a subclass or a user may
+    read: ``args``, ``model`` (unwrapped), ``train_model`` (what runs the forward),
+    ``optimizer``, ``lr_scheduler``, ``train_dataloader``, ``state``, ``history``.
+    """
+
+    args_class: type[TrainingArguments] = TrainingArguments
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        args: TrainingArguments | Mapping[str, Any] | None = None,
+        train_dataset: Any = None,
+        train_dataloader: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: Any = None,
+        data_collator: Callable[[list[Any]], Any] | None = None,
+        compute_loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+    ) -> None:
+        self.args = self._check_args(args)
+        self.train_dataset = train_dataset
+        self.data_collator = data_collator
+        self.compute_loss_fn = compute_loss
+        self.state = TrainerState()
+        self.history: list[dict[str, float]] = []  # one entry per logging step
+        self.step_stats: list[tuple[int, float, bool]] = []  # (step, seconds, a save was persisting)
+        self.checkpoint_manager: CheckpointManager | None = None  # set during train()
+        self._stop = False
+        self.model, self.train_model = self._prepare_model(model)
+        self.device = next(iter(self.model.parameters()), torch.empty(0)).device
+        self.train_dataloader = train_dataloader if train_dataloader is not None else self._default_dataloader()
+        self._data = EpochIterator(self.train_dataloader, self.args.seed)
+        self.optimizer = optimizer if optimizer is not None else default_optimizer(self.model.parameters(), self.args)
+        self.lr_scheduler = lr_scheduler if lr_scheduler is not None else default_scheduler(self.optimizer, self.args, self._total_steps())
+
+    # --------------------------------------------------------------------------- hooks
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    def _prepare_model(self, model: torch.nn.Module | None) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """Return (the module whose state is saved, the module that runs the forward)."""
+        if model is None:
+            raise ValueError(f"{type(self).__name__} needs model=")
+        return model, model
+
+    def _default_dataloader(self) -> Any:
+        if self.train_dataset is None:
+            raise ValueError(f"{type(self).__name__} needs train_dataset= or train_dataloader=")
+        return build_dataloader(self.train_dataset, self.args.per_device_train_batch_size, seed=self.args.seed, **self._loader_options())
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {"collate_fn": self.data_collator, "num_workers": self.args.dataloader_num_workers, "drop_last": self.args.dataloader_drop_last}
+
+    def _fetch_batch(self) -> Any:
+        """This rank's next batch of the current epoch, or None when the epoch ran out."""
+        return self._data.next(self.state.epoch)
+
+    def _global_rows(self, batch: Any) -> int:
+        return batch_rows(batch) * self.world_size
+
+    def _sharing(self, key: str) -> tuple[SharingPattern, ValidationLevel]:
+        """How the built-in component ``key`` is shared across ranks (one process: GLOBAL)."""
+        return SharingPattern.GLOBAL, ValidationLevel.NONE
+
+    def _process_group(self) -> Any:
+        return None
+
+    def _steps_per_epoch(self) -> int | None:
+        try:
+            return len(self.train_dataloader)
+        except TypeError:
+            return None
+
+    # --------------------------------------------------------------------------- components
+
+    def get_state_components(self) -> list[StateComponent]:
+        """Everything a checkpoint holds, in save order; override to add components.
+
+        The model is required; the others are optional, so deleting their files from a
+        checkpoint skips them on resume (with a warning). The dataset component exists only
+        when the dataloader has ``state_dict``/``load_state_dict``.
+        """
+        fmt = "safetensors" if self.args.save_safetensors else "torch"
+        components = [self._component("model", self.model, required=True, file_format=fmt)]
+        if self.optimizer is not None:
+            components.append(self._component("optimizer", self.optimizer))
+        if self.lr_scheduler is not None:
+            components.append(self._component("scheduler", self.lr_scheduler))
+        components.append(self._component("trainer", self.state))
+        if is_stateful(self.train_dataloader):
+            components.append(self._component("dataset", self._data))
+        components.append(rng_component())
+        return components
+
+    def _component(self, key: str, stateful: Any, **kwargs: Any) -> StateComponent:
+        pattern, validation = self._sharing(key)
+        return StateComponent(key, stateful, sharing_pattern=pattern, validation=validation, **kwargs)
+
+    # --------------------------------------------------------------------------- one step
+
+    def compute_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The loss of one batch: ``compute_loss(model, batch)`` if given, else ``model(**batch).loss``."""
+        if self.compute_loss_fn is not None:
+            return self.compute_loss_fn(model, batch)
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batches are {type(batch).__name__}, not dicts: pass compute_loss=fn(model, batch) -> loss")
+        out = model(**batch)
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if loss is None:
+            raise TypeError(f"model output {type(out).__name__} has no 'loss': pass compute_loss=fn(model, batch) -> loss")
+        return loss
+
+    def training_step(self, batch: Any) -> torch.Tensor:
+        """Forward, backward and optimizer step on one batch; returns the detached loss."""
+        loss = self.compute_loss(self.train_model, to_device(batch, self.device))
+        loss.backward()
+        self._optimizer_step()
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        if self.args.max_grad_norm is not None:
+            self._clip_gradients(self.args.max_grad_norm)
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def stop(self) -> None:
+        """End training after the current step (a final save follows). Call on every rank at the same step."""
+        self._stop = True
+
+    # --------------------------------------------------------------------------- the loop
+
+    def train(self) -> TrainOutput:
+        """Resume (per ``args.resume_from_checkpoint``), train, save a final checkpoint, drain saves.
+
+        Training thread, every rank. Returns once the final checkpoint has committed. Raises
+        ``ReplicationValidationError`` at once; raises ``CheckpointSaveError`` only if the final
+        save fails (earlier failed saves are logged and retried by the next save).
+        """
+        self._seed()
+        self._stop = False
+        self._handle: SaveHandle | None = None
+        self._last_saved: int | None = None
+        self._last_committed: Path | None = None
+        self.checkpoint_manager = manager = CheckpointManager(
+            self.args.output_dir, self.get_state_components(), process_group=self._process_group(), **self.args.manager_options()
+        )
+        try:
+            resumed, skipped = self._resume()
+            first_step, total = self.state.global_step, torch.zeros(())
+            self.train_model.train()
+            while not self._finished():
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                started = time.perf_counter()
+                loss = self.training_step(batch)
+                self._count_step(batch)
+                self.step_stats.append((self.state.global_step, time.perf_counter() - started, self._in_flight()))
+                total += loss.float().cpu()
+                self._maybe_log(loss)
+                if self.args.save_strategy == "steps" and self.state.global_step % self.args.save_steps == 0:
+                    self._save()
+            if self.args.save_strategy != "no":
+                self._save(final=True)
+            self._wait_last()
+        except BaseException as exc:
+            manager.__exit__(type(exc), exc, exc.__traceback__)  # drains in-flight saves, logs their errors
+            raise
+        manager.close()
+        steps = self.state.global_step - first_step
+        return TrainOutput(self.state.global_step, float(total) / steps if steps else float("nan"), steps, resumed, self._last_committed, skipped)
+
+    def _finished(self) -> bool:
+        if self._stop:
+            return True
+        if self.args.max_steps > 0:
+            return self.state.global_step >= self.args.max_steps
+        return self.state.epoch >= self.args.num_train_epochs
+
+    def _next_batch(self) -> Any:
+        """The next batch, crossing epoch ends (saving there with save_strategy="epoch"); None: stop."""
+        empty_epochs = 0
+        while True:
+            batch = self._fetch_batch()
+            if batch is not None:
+                return batch
+            empty_epochs = empty_epochs + 1 if self.state.steps_in_epoch == 0 else 0
+            if empty_epochs > 1:
+                raise ValueError("the training data yields no batches: check the dataset and the batch size")
+            logger.debug("[rank %d step %d] epoch %d done", self.rank, self.state.global_step, self.state.epoch)
+            self.state.epoch += 1
+            self.state.steps_in_epoch = 0
+            if self.args.save_strategy == "epoch":
+                self._save()
+            if self._finished():
+                return None
+
+    def _count_step(self, batch: Any) -> None:
+        self.state.global_step += 1
+        self.state.steps_in_epoch += 1
+        self.state.samples_seen += self._global_rows(batch)
+
+    def _maybe_log(self, loss: torch.Tensor) -> None:
+        step = self.state.global_step
+        if not self.args.logging_steps or step % self.args.logging_steps:
+            return
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else float("nan")
+        entry = {"step": step, "epoch": self.state.epoch, "loss": float(loss), "lr": float(lr), "step_time_s": self.step_stats[-1][1]}
+        self.history.append(entry)
+        if self.rank == 0:
+            logger.info("[rank 0 step %d] epoch %d loss %.6g lr %.3g step %.1f ms", step, entry["epoch"], entry["loss"], lr, 1000 * entry["step_time_s"])
+
+    def _seed(self) -> None:
+        seed = self.args.seed + self.rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # --------------------------------------------------------------------------- save / resume
+
+    def _in_flight(self) -> bool:
+        return self._handle is not None and not self._handle.done()
+
+    def _save(self, final: bool = False) -> None:
+        """Save the current step once; a failure is logged (the next save retries), replication errors raise.
+
+        ``final``: the failure of this very save raises (no later save would retry it).
+        """
+        step = self.state.global_step
+        if step == self._last_saved or self.checkpoint_manager is None:
+            return
+        self._last_saved = step
+        self._observe_previous()
+        previous = self._handle
+        for attempt in range(2):
+            try:
+                self._handle = self.checkpoint_manager.save(step)
+                return
+            except ReplicationValidationError:
+                raise
+            except CheckpointSaveError as exc:
+                earlier = previous is not None and exc is previous.exception()
+                if final and not earlier:
+                    raise
+                logger.error("[rank %d step %d] checkpoint save failed, training goes on: %s", self.rank, step, exc)
+                if not earlier or attempt:  # an earlier save's failure surfaced here: try this one once more
+                    return
+
+    def _observe_previous(self) -> None:
+        handle = self._handle
+        if handle is None or not handle.done():
+            return
+        self._handle = None
+        try:
+            self._last_committed = handle.wait(0) or self._last_committed
+        except CheckpointSaveError as exc:
+            logger.error("[rank %d step %d] checkpoint save failed, training goes on: %s", self.rank, handle.step, exc)
+
+    def _wait_last(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None and not handle.skipped:
+            self._last_committed = handle.wait() or self._last_committed
+
+    def _resume(self) -> tuple[Path | None, list[str]]:
+        target = self.args.resume_from_checkpoint
+        assert self.checkpoint_manager is not None
+        if target is False:
+            logger.info("[rank %d] resume_from_checkpoint=False: starting fresh", self.rank)
+            return None, []
+        try:
+            result = self.checkpoint_manager.load(None if target is True else target, strict=False)
+        except CheckpointError as exc:
+            logger.error("[rank %d] resume failed: loaded=[] skipped=[] failed: %s", self.rank, exc)
+            raise
+        if result is None:
+            logger.info("[rank %d] no committed checkpoint under %s: starting fresh", self.rank, self.args.output_dir)
+            return None, []
+        logger.info("[rank %d] resumed from %s at step %d: loaded=%s skipped=%s failed=[]", self.rank, result.path, self.state.global_step, result.loaded, result.skipped)
+        for key in result.skipped:
+            logger.warning("[rank %d] component '%s' not restored: %s", self.rank, key, _SKIP_NOTES.get(key, "it keeps its current state"))
+        if self.state.global_step == result.step:
+            self._last_saved = result.step
+        return result.path, list(result.skipped)
+
+    def _total_steps(self) -> int | None:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        per_epoch = self._steps_per_epoch()
+        return None if per_epoch is None else per_epoch * self.args.num_train_epochs
+
+    def _check_args(self, args: Any) -> TrainingArguments:
+        cls = self.args_class
+        if args is None:
+            return cls()
+        if isinstance(args, Mapping):
+            return cls(**args)
+        if not isinstance(args, cls):
+            raise TypeError(f"{type(self).__name__} needs args={cls.__name__}(...), got {type(args).__name__}")
+        return args

@@ -1,0 +1,50 @@
+"""SIGKILL at every named fault point, on 1 and 2 ranks: resume always finds the right checkpoint.
+
+Fault table (DCP style): the job saves steps 1..4 and the fault fires at step 3 on ``kill_rank``.
+When the kill comes before the commit, resume must pick step 2; when it comes after (retention
+points), step 3. A fresh start then removes the torn staging directory, and a resumed job
+continues from that step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from async_ckpt.faults import POINTS
+from tests.faults.scenario import newest_good, start_manager_cleans, train
+from tests.helpers.spawn import run_ranks, run_ranks_expect
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+
+AFTER_COMMIT = {"before_retention", "mid_delete", "after_delete"}
+ON_RANK0_ONLY = {"before_manifest", "before_publish"} | AFTER_COMMIT
+
+
+TWO_RANKS_BY_DEFAULT = {"mid_write", "before_report", "before_publish", "after_delete"}
+
+
+def _cases() -> list:
+    """Every point on 1 rank, and on 2 ranks; the 2-rank cases not listed above run in the full suite."""
+    cases = [(point, 1, 0) for point in POINTS]
+    for point in POINTS:
+        marks = () if point in TWO_RANKS_BY_DEFAULT else (pytest.mark.slow,)
+        cases.append(pytest.param(point, 2, 0 if point in ON_RANK0_ONLY else 1, marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("point,world,kill_rank", _cases())
+def test_kill_at_fault_point(tmp_path: Path, point: str, world: int, kill_rank: int) -> None:
+    out = tmp_path / "run"
+    outcomes = run_ranks_expect(train, world, str(out), 4, (point, "kill", kill_rank, 3), 2.0, 1, timeout=120)
+    assert outcomes[kill_rank][:2] == ("error", "ProcessDied"), outcomes
+    expected = 3 if point in AFTER_COMMIT else 2
+    if point in ("mid_delete", "after_delete"):
+        expected = 3  # step 3 committed; retention of step 2 was cut short
+    assert newest_good(out, world) == expected
+    start_manager_cleans(out)
+    resumed = run_ranks(train, world, str(out), 1, None, 10.0, 1, timeout=120)
+    assert [r["resumed_from"] for r in resumed] == [expected] * world
+    assert [r["failures"] for r in resumed] == [[]] * world
+    assert newest_good(out, world) == expected + 1
