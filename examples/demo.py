@@ -61,7 +61,8 @@ def run_ranks(mode: str, out: Path, on_event) -> list[int]:
         log = open(out / f"{mode}_rank{rank}.log", "w")
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), mode], env=env, text=True,
                                       stdout=subprocess.PIPE if rank == 0 else log, stderr=log))
-    watchdog = threading.Timer(RUN_TIMEOUT_S, lambda: [p.kill() for p in procs])
+    timed_out = threading.Event()
+    watchdog = threading.Timer(RUN_TIMEOUT_S, lambda: (timed_out.set(), [p.kill() for p in procs]))
     watchdog.start()
     try:
         for line in procs[0].stdout:
@@ -69,10 +70,16 @@ def run_ranks(mode: str, out: Path, on_event) -> list[int]:
                 print("   " + line.rstrip())
             elif on_event(json.loads(line), procs) == "stop":
                 break
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
     finally:
         watchdog.cancel()
         codes = [p.wait() for p in procs]
         procs[0].stdout.close()
+    if timed_out.is_set():
+        raise DemoFailed(f"the {mode} run took longer than {RUN_TIMEOUT_S} s; see {out}/{mode}_rank*.log")
     return codes
 
 
@@ -91,7 +98,7 @@ def committed(ckpt_dir: Path) -> str:
 def print_save(ev: dict, saves: list[dict]) -> None:
     saves.append(ev)
     print(f"   step {ev['step']:3d}  loss {ev['loss']:.3f}  -> {ev['path']} committed;"
-          f"  training stalled {ev['stall_ms']:5.1f} ms [copy {ev['copy_ms']:5.1f}] (torch.save + fsync: {ev['torch_save_ms']:6.1f} ms)")
+          f"  training stalled {ev['stall_ms']:5.1f} ms  (torch.save + fsync: {ev['torch_save_ms']:6.1f} ms)")
 
 
 def main() -> None:
@@ -148,16 +155,18 @@ def main() -> None:
 
     def on_resumed_run(ev: dict, procs: list[subprocess.Popen]) -> None:
         if ev["event"] == "start":
+            if ev["leftovers"] or torn.exists():
+                raise DemoFailed(f"the torn save was not cleaned up: {ev['leftovers']}")
+            print(f"   CheckpointManager(...) removed the torn {torn.name}/ at start-up")
             killed["resumed"] = ev["resumed_step"]
-            print(f"   mgr.load() -> resumed from step {ev['resumed_step']} ({ev['resumed_path']}); model, AdamW, progress "
-                  f"and each rank's RNG restored")
-            print(f"   torn staging dir removed at start-up: {', '.join(ev['cleaned']) or 'NONE'}")
-            if ev["left"] or torn.name not in ev["cleaned"]:
-                raise DemoFailed(f"the torn save was not cleaned up: removed {ev['cleaned']}, still there {ev['left']}")
+            print(f"   mgr.load() -> resumed from step {ev['resumed_step']} ({ev['resumed_path']}/): model, AdamW, "
+                  f"progress and each rank's RNG restored")
         elif ev["event"] == "save":
             print_save(ev, saves)
         elif ev["event"] == "done":
             print(f"   finished step {ev['step']}, final loss {ev['loss']:.3f}; committed: {committed(ckpt_dir)}")
+            newest = ckpt_dir / f"checkpoint-{ev['step']}"
+            print(f"   {newest.name}/ holds: {', '.join(sorted(p.name for p in newest.iterdir()))}")
 
     check_exit("resumed", run, run_ranks("resumed", run, on_resumed_run))
     last_committed_before_kill = max(s["step"] for s in saves if s["step"] < killed["step"])

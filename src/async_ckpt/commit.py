@@ -94,9 +94,12 @@ class CommitChannel:
         self._forget(seq - 1)
 
     def outcome(self, seq: int, timeout_s: float) -> Outcome:
-        """Every rank but 0: wait for rank 0's outcome of ``seq``, at most ``timeout_s``."""
+        """Every rank but 0: wait for rank 0's outcome of ``seq``, at most ``timeout_s``.
+
+        Raises ``CheckpointTimeoutError`` when rank 0 publishes nothing in time (it died or stalled).
+        """
         if self._wait([f"{seq}/outcome"], timeout_s):
-            return Outcome(ok=False, kind="timeout", error=f"rank 0 did not publish the outcome within {timeout_s:g}s (rank 0 died or stalled)")
+            raise CheckpointTimeoutError(f"rank 0 did not publish the outcome within {timeout_s:g}s (rank 0 died or stalled)")
         return Outcome(**json.loads(self._store.get(f"{seq}/outcome")))
 
     def _wait(self, keys: list[str], timeout_s: float) -> list[str]:

@@ -92,8 +92,8 @@ def run_job(ctx: SaveContext, job: SaveJob) -> None:
             outcome = _commit(ctx, job)
         else:
             outcome = ctx.channel.outcome(job.seq, ctx.timeout_s + outcome_margin(ctx.timeout_s))
-            if outcome.kind == "timeout" and not outcome.ok and "rank 0" in outcome.error:
-                outcome.error = describe(outcome.error, rank=ctx.rank, step=job.step, phase="commit", path=job.staging)
+    except CheckpointTimeoutError as exc:
+        outcome = Outcome(ok=False, kind="timeout", error=describe(str(exc), rank=ctx.rank, step=job.step, phase="commit", path=job.staging))
     except Exception as exc:  # the store itself failed: this rank cannot learn the outcome
         outcome = Outcome(ok=False, error=describe(f"coordination failed: {type(exc).__name__}: {exc}", rank=ctx.rank, step=job.step, phase="commit"))
     job.handle.timings.update(report.timings)

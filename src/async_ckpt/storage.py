@@ -51,6 +51,7 @@ class FileSink:
         self._hash = xxhash.xxh3_64()
         self._compressor = zstandard.ZstdCompressor(level=level).compressobj() if codec == "zstd" else None
         self.size = 0
+        self.os_error: OSError | None = None  # the disk's own error, kept: torch.save hides it
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -74,9 +75,13 @@ class FileSink:
             return
         self._hash.update(data)
         view = memoryview(data)
-        while len(view):
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while len(view):
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self.os_error = exc
+            raise
         self.size += len(data)
 
 
@@ -91,14 +96,16 @@ def write_file(directory: Path, name: str, produce: Callable[[FileSink], None], 
     final = directory / name
     tmp = directory / (name + TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    sink = FileSink(fd, codec, level)
     try:
-        sink = FileSink(fd, codec, level)
         produce(sink)
         digest = sink.close()
         os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         _unlink_quietly(tmp)
+        if sink.os_error is not None and exc is not sink.os_error:
+            raise sink.os_error from exc  # e.g. ENOSPC, not torch's "enforce fail" wrapper
         raise
     os.close(fd)
     os.replace(tmp, final)
