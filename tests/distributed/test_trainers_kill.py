@@ -63,7 +63,9 @@ def test_sigkill_during_a_background_save_resumes_from_the_newest_committed(tmp_
     proc = _start(out, newest + 2, log)  # the same command again: no flag to say "resume"
     assert proc.wait(60) == 0, log.read_text()[-3000:]
     lines = log.read_text().splitlines()
-    assert f"resumed {newest}" in lines, lines[:5]
+    summary = [l for l in lines if "resumed from" in l]
+    assert len(summary) == 1 and f"resumed from {out / f'checkpoint-{newest}'} at step {newest}" in summary[0], lines[:10]
+    assert "failed=[]" in summary[0] and "skipped=[]" in summary[0]
     assert [l for l in lines if l.startswith("step ")] == [f"step {newest + 1}", f"step {newest + 2}"], "the restart trains only the remaining steps"
     assert f"done {newest + 2}" in lines
     assert not list_leftovers(out), "the restart removes what the killed save left behind"

@@ -6,12 +6,13 @@ Fixtures: ``TinyModel`` (a 2-layer MLP with dropout whose forward returns ``{"lo
 mixin that ends training after a given step, as a stopped job would).
 
 ``python -m tests.distributed.trainer_child OUT MAX_STEPS``: trains a model of a few MiB with
-a save every step; prints ``resumed <step>`` once it knows where it starts (0: fresh), then
-``step <n>`` after every step, and ``done <step>`` at the end.
+a save every step, logging to stdout (the trainer's "resumed from ..." summary included); prints
+``step <n>`` after every step and ``done <step>`` at the end.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -90,15 +91,11 @@ class StopTrainer(StopAt, Trainer):
 def main(out: str, max_steps: int) -> None:
     """The SIGKILL test's child: ~6 MiB of model, ~12 MiB of AdamW state, a save every step."""
     torch.set_num_threads(1)
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     model = new_model(features=256, width=1024, p=0.1)
     args = TrainingArguments(output_dir=out, max_steps=max_steps, per_device_train_batch_size=4, save_steps=1, save_total_limit=3, logging_steps=0, save_timeout_s=60)
 
     class Child(Trainer):
-        def _resume(self):  # report where this run starts, for the parent
-            result = super()._resume()
-            print(f"resumed {self.state.global_step}", flush=True)
-            return result
-
         def training_step(self, batch: Any) -> torch.Tensor:
             loss = super().training_step(batch)
             print(f"step {self.state.global_step + 1}", flush=True)

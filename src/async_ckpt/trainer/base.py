@@ -18,29 +18,19 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .. import CheckpointError, CheckpointManager, CheckpointSaveError, ReplicationValidationError, SaveHandle
-from .. import SharingPattern, StateComponent, ValidationLevel, rng_component
+from .. import CheckpointManager, SharingPattern, StateComponent, ValidationLevel, rng_component
 from .args import TrainingArguments
+from .checkpointing import TrainerCheckpoints
 from .data import EpochIterator, batch_rows, build_dataloader, is_stateful, to_device
 from .optim import default_optimizer, default_scheduler
 from .state import TrainerState, TrainOutput
 
 logger = logging.getLogger(__name__)
-
-_SKIP_NOTES = {
-    "optimizer": "the optimizer starts from fresh state",
-    "scheduler": "the learning-rate schedule starts from its first step",
-    "trainer": "training progress (global_step, epoch) starts from 0",
-    "dataset": "the data position is lost: the current epoch restarts from its first batch",
-    "rng": "random generators keep this run's seeds: dropout and augmentation differ from an uninterrupted run",
-}
-
 
 class BaseTrainer:
     """Trains ``model`` on ``train_dataset`` (or ``train_dataloader``) and checkpoints as it goes.
@@ -196,14 +186,12 @@ class BaseTrainer:
         """
         self._seed()
         self._stop = False
-        self._handle: SaveHandle | None = None
-        self._last_saved: int | None = None
-        self._last_committed: Path | None = None
-        self.checkpoint_manager = manager = CheckpointManager(
+        self.checkpoint_manager = CheckpointManager(
             self.args.output_dir, self.get_state_components(), process_group=self._process_group(), **self.args.manager_options()
         )
+        self._checkpoints = checkpoints = TrainerCheckpoints(self.checkpoint_manager, self.rank)
         try:
-            resumed, skipped = self._resume()
+            resumed, skipped = checkpoints.resume(self.args.resume_from_checkpoint, self.state)
             first_step, total = self.state.global_step, torch.zeros(())
             self.train_model.train()
             while not self._finished():
@@ -213,20 +201,20 @@ class BaseTrainer:
                 started = time.perf_counter()
                 loss = self.training_step(batch)
                 self._count_step(batch)
-                self.step_stats.append((self.state.global_step, time.perf_counter() - started, self._in_flight()))
+                self.step_stats.append((self.state.global_step, time.perf_counter() - started, checkpoints.in_flight()))
                 total += loss.float().cpu()
                 self._maybe_log(loss)
                 if self.args.save_strategy == "steps" and self.state.global_step % self.args.save_steps == 0:
-                    self._save()
+                    checkpoints.save(self.state.global_step)
             if self.args.save_strategy != "no":
-                self._save(final=True)
-            self._wait_last()
+                checkpoints.save(self.state.global_step, final=True)
+            checkpoints.finish()
         except BaseException as exc:
-            manager.__exit__(type(exc), exc, exc.__traceback__)  # drains in-flight saves, logs their errors
+            checkpoints.abort(exc)
             raise
-        manager.close()
         steps = self.state.global_step - first_step
-        return TrainOutput(self.state.global_step, float(total) / steps if steps else float("nan"), steps, resumed, self._last_committed, skipped)
+        mean = float(total) / steps if steps else float("nan")
+        return TrainOutput(self.state.global_step, mean, steps, resumed, checkpoints.last_committed, skipped)
 
     def _finished(self) -> bool:
         if self._stop:
@@ -249,7 +237,7 @@ class BaseTrainer:
             self.state.epoch += 1
             self.state.steps_in_epoch = 0
             if self.args.save_strategy == "epoch":
-                self._save()
+                self._checkpoints.save(self.state.global_step)
             if self._finished():
                 return None
 
@@ -273,72 +261,6 @@ class BaseTrainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
-
-    # --------------------------------------------------------------------------- save / resume
-
-    def _in_flight(self) -> bool:
-        return self._handle is not None and not self._handle.done()
-
-    def _save(self, final: bool = False) -> None:
-        """Save the current step once; a failure is logged (the next save retries), replication errors raise.
-
-        ``final``: the failure of this very save raises (no later save would retry it).
-        """
-        step = self.state.global_step
-        if step == self._last_saved or self.checkpoint_manager is None:
-            return
-        self._last_saved = step
-        self._observe_previous()
-        previous = self._handle
-        for attempt in range(2):
-            try:
-                self._handle = self.checkpoint_manager.save(step)
-                return
-            except ReplicationValidationError:
-                raise
-            except CheckpointSaveError as exc:
-                earlier = previous is not None and exc is previous.exception()
-                if final and not earlier:
-                    raise
-                logger.error("[rank %d step %d] checkpoint save failed, training goes on: %s", self.rank, step, exc)
-                if not earlier or attempt:  # an earlier save's failure surfaced here: try this one once more
-                    return
-
-    def _observe_previous(self) -> None:
-        handle = self._handle
-        if handle is None or not handle.done():
-            return
-        self._handle = None
-        try:
-            self._last_committed = handle.wait(0) or self._last_committed
-        except CheckpointSaveError as exc:
-            logger.error("[rank %d step %d] checkpoint save failed, training goes on: %s", self.rank, handle.step, exc)
-
-    def _wait_last(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None and not handle.skipped:
-            self._last_committed = handle.wait() or self._last_committed
-
-    def _resume(self) -> tuple[Path | None, list[str]]:
-        target = self.args.resume_from_checkpoint
-        assert self.checkpoint_manager is not None
-        if target is False:
-            logger.info("[rank %d] resume_from_checkpoint=False: starting fresh", self.rank)
-            return None, []
-        try:
-            result = self.checkpoint_manager.load(None if target is True else target, strict=False)
-        except CheckpointError as exc:
-            logger.error("[rank %d] resume failed: loaded=[] skipped=[] failed: %s", self.rank, exc)
-            raise
-        if result is None:
-            logger.info("[rank %d] no committed checkpoint under %s: starting fresh", self.rank, self.args.output_dir)
-            return None, []
-        logger.info("[rank %d] resumed from %s at step %d: loaded=%s skipped=%s failed=[]", self.rank, result.path, self.state.global_step, result.loaded, result.skipped)
-        for key in result.skipped:
-            logger.warning("[rank %d] component '%s' not restored: %s", self.rank, key, _SKIP_NOTES.get(key, "it keeps its current state"))
-        if self.state.global_step == result.step:
-            self._last_saved = result.step
-        return result.path, list(result.skipped)
 
     def _total_steps(self) -> int | None:
         if self.args.max_steps > 0:
