@@ -58,9 +58,9 @@ def run_ranks(mode: str, out: Path, on_event) -> list[int]:
     for rank in range(WORLD_SIZE):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD_SIZE),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        log = open(out / f"{mode}_rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), mode], env=env, text=True,
-                                      stdout=subprocess.PIPE if rank == 0 else log, stderr=log))
+        with open(out / f"{mode}_rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), mode], env=env, text=True,
+                                          stdout=subprocess.PIPE if rank == 0 else log, stderr=log))
     timed_out = threading.Event()
     watchdog = threading.Timer(RUN_TIMEOUT_S, lambda: (timed_out.set(), [p.kill() for p in procs]))
     watchdog.start()
@@ -90,9 +90,37 @@ def check_exit(mode: str, out: Path, codes: list[int], expected: int = 0) -> Non
     raise DemoFailed(f"the {mode} run ended with exit codes {codes} (expected {expected}); rank logs:\n{tails}")
 
 
-def committed(ckpt_dir: Path) -> str:
-    names = sorted((p for p in ckpt_dir.glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
-    return " ".join(p.name for p in names) or "(none)"
+def freeze_during_save(procs: list[subprocess.Popen], ckpt_dir: Path, step: int) -> Path | None:
+    """SIGSTOP every rank while the save of ``step`` is on disk but not committed.
+
+    Returns its staging directory with every rank stopped, or None (ranks running again) if
+    the save committed before the freeze. SIGSTOP halts all threads of a process, background
+    writers included, and waitid() returns once they really are halted: what we see on disk
+    then cannot change any more. No timing guess is involved.
+    """
+    while True:
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        for p in procs:
+            os.waitid(os.P_PID, p.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+        staging = sorted(ckpt_dir.glob(f".checkpoint-{step}.staging-*"))
+        committed_already = (ckpt_dir / f"checkpoint-{step}").exists()
+        if staging and not committed_already:
+            return staging[0]
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+        if committed_already:
+            return None
+        time.sleep(0.001)  # the background writer has not created the staging directory yet
+
+
+def committed(ckpt_dir: Path) -> list[int]:
+    """Steps of the committed checkpoints (``checkpoint-<step>/``), oldest first."""
+    return sorted(int(p.name.split("-")[1]) for p in ckpt_dir.glob("checkpoint-*"))
+
+
+def names(steps: list[int]) -> str:
+    return " ".join(f"checkpoint-{s}" for s in steps) or "(none)"
 
 
 def print_save(ev: dict, saves: list[dict]) -> None:
@@ -107,32 +135,29 @@ def main() -> None:
     run, ref = OUT / "run", OUT / "reference"
     ckpt_dir = run / "checkpoints"
     saves: list[dict] = []  # every committed save of the two checkpointing runs
-    killed: dict = {}
+    killed: dict = {}  # what happened to the first run
+    config: dict = {}  # what the workers train
 
     # ---------------------------------------------------------------- 1 + 2: train, then kill mid-save
     def on_killed_run(ev: dict, procs: list[subprocess.Popen]) -> str | None:
         if ev["event"] == "config":
-            mb = ev["params"] * 4 * 3 / 2**20  # weights + AdamW's two moments, float32
-            print(f"async_ckpt demo: MLP with {ev['params'] / 1e6:.1f}M parameters (~{mb:.0f} MB of state with AdamW), "
+            config.update(ev)
+            mib = ev["params"] * 4 * 3 / 2**20  # weights + AdamW's two moments, float32
+            print(f"async_ckpt demo: MLP with {ev['params'] / 1e6:.1f}M parameters (~{mib:.0f} MiB of state with AdamW), "
                   f"DDP over {ev['world_size']} ranks (gloo, CPU), {ev['steps']} steps, a save every {ev['save_every']}")
             print(f"output: {OUT}/\n\n1. training with async saves (CheckpointManager, save_total_limit=3)")
         elif ev["event"] == "save":
             print_save(ev, saves)
         elif ev["event"] == "in_flight":
-            # save() has returned on rank 0 and the files are being written in the background.
-            # Freeze both ranks (SIGSTOP stops every thread at once), look at the disk, then SIGKILL.
-            for p in procs:
-                p.send_signal(signal.SIGSTOP)
-            done = (ckpt_dir / f"checkpoint-{ev['step']}").exists()
-            staging = sorted(ckpt_dir.glob(f".checkpoint-{ev['step']}.staging-*"))
-            if done or not staging:  # it committed before we froze it: resume, try the next save
-                print(f"   (the save of step {ev['step']} finished before the freeze; waiting for the next one)")
-                for p in procs:
-                    p.send_signal(signal.SIGCONT)
+            # save() has returned on rank 0; the files are being written in the background.
+            # Freeze both ranks mid-save, then SIGKILL them: no cleanup code runs, as in a crash.
+            staging = freeze_during_save(procs, ckpt_dir, ev["step"])
+            if staging is None:  # (rare) it committed before the freeze: catch the next save
+                print(f"   (the save of step {ev['step']} committed before the freeze; waiting for the next one)")
                 return None
             for p in procs:
-                p.kill()  # SIGKILL: no cleanup, no atexit, no flush; exactly like a node failure
-            killed.update(ev, pids=[p.pid for p in procs], staging=staging[0])
+                p.kill()
+            killed.update(ev, pids=[p.pid for p in procs], staging=staging)
             return "stop"
         return None
 
@@ -140,15 +165,16 @@ def main() -> None:
     if not killed:
         raise DemoFailed("the first run ended before a save could be caught in flight")
     check_exit("killed", run, codes, expected=-signal.SIGKILL)
-    print(f"\n2. SIGKILL during a save")
+    print("\n2. SIGKILL during a save")
     print(f"   step {killed['step']}: save() returned after {killed['stall_ms']:.1f} ms, training went on, files still being written"
           f"\n   -> SIGKILL to both ranks (pids {' '.join(map(str, killed['pids']))}), exit codes {codes}")
     torn = killed["staging"]
     if not torn.is_dir() or (ckpt_dir / f"checkpoint-{killed['step']}").exists():
         raise DemoFailed(f"expected a torn {torn.name}/ and no checkpoint-{killed['step']}/ after the kill")
-    files = ", ".join(sorted(p.name for p in torn.iterdir())) or "empty"
-    print(f"   left behind: {torn.name}/  ({files})  -- never read, never published")
-    print(f"   committed:   {committed(ckpt_dir)}   (older ones removed by save_total_limit=3)")
+    files = " ".join(sorted(p.name for p in torn.iterdir())) or "(empty)"
+    print(f"   left behind: {torn.name}/  (torn: never read, never published)\n      holding: {files}")
+    newest = max(committed(ckpt_dir), default=None)
+    print(f"   committed:   {names(committed(ckpt_dir))}   (older ones removed by save_total_limit=3)")
 
     # ---------------------------------------------------------------- 3: the same command again
     print("\n3. restart: automatic resume")
@@ -164,14 +190,13 @@ def main() -> None:
         elif ev["event"] == "save":
             print_save(ev, saves)
         elif ev["event"] == "done":
-            print(f"   finished step {ev['step']}, final loss {ev['loss']:.3f}; committed: {committed(ckpt_dir)}")
-            newest = ckpt_dir / f"checkpoint-{ev['step']}"
-            print(f"   {newest.name}/ holds: {', '.join(sorted(p.name for p in newest.iterdir()))}")
+            print(f"   finished step {ev['step']}, final loss {ev['loss']:.3f}; committed: {names(committed(ckpt_dir))}")
+            last = ckpt_dir / f"checkpoint-{ev['step']}"
+            print(f"   {last.name}/ holds: {', '.join(sorted(p.name for p in last.iterdir()))}")
 
     check_exit("resumed", run, run_ranks("resumed", run, on_resumed_run))
-    last_committed_before_kill = max(s["step"] for s in saves if s["step"] < killed["step"])
-    if killed.get("resumed") != last_committed_before_kill:
-        raise DemoFailed(f"resumed from step {killed.get('resumed')}, expected the newest committed {last_committed_before_kill}")
+    if killed.get("resumed") != newest:
+        raise DemoFailed(f"resumed from step {killed.get('resumed')}, expected the newest committed one, {newest}")
 
     # ---------------------------------------------------------------- 4: compare with a straight run
     print("\n4. check: resumed == uninterrupted")
@@ -179,7 +204,7 @@ def main() -> None:
     resumed_params = torch.load(run / "final_params.pt", weights_only=True)
     reference_params = torch.load(ref / "final_params.pt", weights_only=True)
     equal = [name for name in reference_params if torch.equal(resumed_params[name], reference_params[name])]
-    print(f"   reference run: {saves[-1]['step']} steps straight through, no checkpoints, no kill")
+    print(f"   reference run: {config['steps']} steps straight through, no checkpoints, no kill")
     print(f"   final parameters bitwise equal (torch.equal): {len(equal)}/{len(reference_params)} tensors")
     if len(equal) != len(reference_params) or resumed_params.keys() != reference_params.keys():
         diff = max((resumed_params[n] - reference_params[n]).abs().max().item() for n in reference_params)

@@ -1,4 +1,4 @@
-"""One rank of the demo's training job (launched twice, as rank 0 and rank 1, by demo.py).
+"""One rank of the demo's training job: demo.py starts two of these (rank 0 and 1) per run.
 
 This is the part a user writes: a model, an optimizer, a trainer-progress object and the RNG,
 handed to ``async_ckpt.CheckpointManager``; ``mgr.load()`` to resume, ``mgr.save(step)`` every
@@ -27,7 +27,7 @@ SEED = 1234
 STEPS = 200  # total training steps
 SAVE_EVERY = 25  # checkpoint every N steps
 KILL_FROM = 150  # demo.py kills the first run during a save at or after this step
-BATCH, IN, HIDDEN, CLASSES = 32, 256, 2048, 16  # MLP, 4.8M parameters: ~55 MiB of state with AdamW
+BATCH, IN, HIDDEN, CLASSES = 32, 256, 2048, 16  # MLP, 4.8M parameters: ~54 MiB of state with AdamW
 
 
 class Progress:
@@ -109,7 +109,8 @@ def main(out: Path, mode: str) -> None:
     torch.manual_seed(SEED + 1 + rank)  # the dropout stream: different on each rank
     if mgr is not None:
         resumed = mgr.load()  # newest committed checkpoint that verifies; None on a fresh start
-        mgr.prepare()  # allocate the staging buffers now rather than in the first save()
+        mgr.prepare()  # allocate staging buffers now, not in the first save() (AdamW's moments
+        #                only exist after its first step, so a fresh run's first save still allocates them)
         report(event="start", resumed_step=resumed and resumed.step, resumed_path=resumed and resumed.path.name,
                leftovers=sorted(p.name for p in mgr.output_dir.glob(".checkpoint-*.staging-*")))
 

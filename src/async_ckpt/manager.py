@@ -74,6 +74,7 @@ class CheckpointManager:
         self.verify_on_load = verify_on_load
         self.timeout_s = float(timeout_s)
         self.on_busy = on_busy
+        self.removed_leftovers: list[Path] = []  # what start-up cleanup removed (rank 0)
         process_groups = dict(process_groups or {})
         check_components(self.components, list(process_groups))
         distributed = dist.is_available() and dist.is_initialized()
@@ -107,7 +108,12 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------- save
 
     def prepare(self) -> None:
-        """Allocate the staging buffers now, so the first ``save()`` stalls no longer than later ones."""
+        """Allocate the staging buffers now, so the first ``save()`` stalls no longer than later ones.
+
+        Training thread. Reserves buffers for the state as it is now: call it after ``load()``,
+        and after the first optimizer step when the optimizer creates its state lazily (AdamW
+        does), or the first save still allocates the optimizer's buffers.
+        """
         for component in self.components:
             if writes(component, self.topology):
                 self._pool.reserve(component.key, component.stateful.state_dict())
@@ -133,13 +139,15 @@ class CheckpointManager:
             self._last._released.wait()
         seq, self._seq = self._seq, self._seq + 1
         handle = SaveHandle(step, final)
+        validate_started = time.perf_counter()
+        self._validate(step)
         copy_started = time.perf_counter()
         tasks, failure = self._snapshot(step)
         now = time.perf_counter()
         job = SaveJob(
             seq=seq, step=step, handle=handle, tasks=tasks, failure=failure, final=final,
             staging=self.output_dir / staging_dirname(step, f"{self.run_id}-{seq}"),
-            timings={"stall_s": now - started, "snapshot_s": now - copy_started},
+            timings={"stall_s": now - started, "validate_s": copy_started - validate_started, "snapshot_s": now - copy_started},
         )
         handle.timings.update(job.timings)
         self._last = handle
@@ -151,9 +159,8 @@ class CheckpointManager:
         return handle
 
     def _snapshot(self, step: int) -> tuple[list[FileTask], Report | None]:
-        """Validate REPLICATED components, then copy this rank's share of every component."""
+        """Copy this rank's share of every component into the staging buffers."""
         topo = self.topology
-        self._validate(step)
         tasks = []
         component = None
         try:
@@ -291,7 +298,12 @@ class CheckpointManager:
         run_id = uuid.uuid4().hex[:12]
         if self.topology.is_rank0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            clean_leftovers(self.output_dir)
+            self.removed_leftovers = clean_leftovers(self.output_dir)
+            if self.removed_leftovers:
+                logger.warning(
+                    "[rank 0] removed %d leftover(s) of interrupted saves or deletions: %s",
+                    len(self.removed_leftovers), ", ".join(p.name for p in self.removed_leftovers),
+                )
         return self._broadcast(run_id) if distributed else run_id
 
     def _group_places(self, groups: Mapping[str, Any], rank: int) -> dict:
