@@ -48,3 +48,24 @@ def test_kill_at_fault_point(tmp_path: Path, point: str, world: int, kill_rank: 
     assert [r["resumed_from"] for r in resumed] == [expected] * world
     assert [r["failures"] for r in resumed] == [[]] * world
     assert newest_good(out, world) == expected + 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_randomized_kills_on_two_ranks(tmp_path: Path) -> None:
+    """40 rounds: a random point, on a rank it can fire on, at a random step of a 3-save run."""
+    import os
+    import random
+
+    rng = random.Random(int(os.environ.get("ASYNC_CKPT_SEED", "7")))
+    out = tmp_path / "run"
+    newest = 0
+    for _ in range(40):
+        point = rng.choice(POINTS)
+        kill_rank = 0 if point in ON_RANK0_ONLY else rng.randrange(2)
+        at_step = newest + rng.randint(1, 3)
+        outcomes = run_ranks_expect(train, 2, str(out), 3, (point, "kill", kill_rank, at_step), 2.0, 1, timeout=120)
+        assert outcomes[kill_rank][:2] == ("error", "ProcessDied"), (point, outcomes)
+        expected = at_step if point in AFTER_COMMIT else at_step - 1
+        assert newest_good(out, 2) == expected, (point, kill_rank, at_step)
+        newest = expected
