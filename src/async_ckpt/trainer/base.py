@@ -32,13 +32,15 @@ from .state import TrainerState, TrainOutput
 
 logger = logging.getLogger(__name__)
 
+
 class BaseTrainer:
     """Trains ``model`` on ``train_dataset`` (or ``train_dataloader``) and checkpoints as it goes.
 
     Construct on the training thread (every rank, same arguments, when distributed); ``train()``
     is collective across ranks in the distributed trainers. Attributes a subclass or a user may
     read: ``args``, ``model`` (unwrapped), ``train_model`` (what runs the forward),
-    ``optimizer``, ``lr_scheduler``, ``train_dataloader``, ``state``, ``history``.
+    ``optimizer``, ``lr_scheduler``, ``train_dataloader``, ``state``, ``history``,
+    ``step_stats`` and ``save_stalls`` (timings), ``checkpoint_manager`` (during ``train()``).
     """
 
     args_class: type[TrainingArguments] = TrainingArguments
@@ -60,7 +62,8 @@ class BaseTrainer:
         self.compute_loss_fn = compute_loss
         self.state = TrainerState()
         self.history: list[dict[str, float]] = []  # one entry per logging step
-        self.step_stats: list[tuple[int, float, bool]] = []  # (step, seconds, a save was persisting)
+        self.step_stats: list[tuple[int, float, bool]] = []  # (step, seconds, a save was persisting when it began)
+        self.save_stalls: list[tuple[int, float]] = []  # (step, seconds save() blocked training), last train()
         self.checkpoint_manager: CheckpointManager | None = None  # set during train()
         self._stop = False
         self.model, self.train_model = self._prepare_model(model)
@@ -190,6 +193,7 @@ class BaseTrainer:
             self.args.output_dir, self.get_state_components(), process_group=self._process_group(), **self.args.manager_options()
         )
         self._checkpoints = checkpoints = TrainerCheckpoints(self.checkpoint_manager, self.rank)
+        self.save_stalls = checkpoints.stalls
         try:
             resumed, skipped = checkpoints.resume(self.args.resume_from_checkpoint, self.state)
             first_step, total = self.state.global_step, torch.zeros(())
@@ -198,10 +202,10 @@ class BaseTrainer:
                 batch = self._next_batch()
                 if batch is None:
                     break
-                started = time.perf_counter()
+                busy, started = checkpoints.in_flight(), time.perf_counter()
                 loss = self.training_step(batch)
                 self._count_step(batch)
-                self.step_stats.append((self.state.global_step, time.perf_counter() - started, checkpoints.in_flight()))
+                self.step_stats.append((self.state.global_step, time.perf_counter() - started, busy))
                 total += loss.float().cpu()
                 self._maybe_log(loss)
                 if self.args.save_strategy == "steps" and self.state.global_step % self.args.save_steps == 0:

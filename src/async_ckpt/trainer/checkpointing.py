@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from .. import CheckpointError, CheckpointManager, CheckpointSaveError, ReplicationValidationError, SaveHandle
+from ..layout import list_committed
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class TrainerCheckpoints:
         self.pending: list[SaveHandle] = []  # saves whose outcome nobody has looked at yet, oldest first
         self.last_saved: int | None = None  # the step of the newest save started (or resumed from)
         self.last_committed: Path | None = None  # the newest checkpoint known to have committed
+        self.stalls: list[tuple[int, float]] = []  # (step, seconds save() blocked the training thread)
 
     def in_flight(self) -> bool:
         """Whether a save is still being written in the background. Never blocks."""
@@ -51,7 +54,9 @@ class TrainerCheckpoints:
         self._observe(block=False)
         for attempt in range(2):
             try:
+                started = time.perf_counter()
                 handle = self.manager.save(step)
+                self.stalls.append((step, time.perf_counter() - started))
             except ReplicationValidationError:
                 raise
             except CheckpointSaveError as exc:
@@ -95,6 +100,17 @@ class TrainerCheckpoints:
 
     def resume(self, target: bool | str | os.PathLike[str], state: Any) -> tuple[Path | None, list[str]]:
         """Load per ``resume_from_checkpoint``; log loaded / skipped / failed. Returns (path, skipped keys)."""
+        resumed = self._load(target, state)
+        ahead = [step for step, _ in list_committed(self.manager.output_dir) if step > state.global_step]
+        if ahead and self.rank == 0:
+            logger.warning(
+                "[rank 0 step %d] %s already holds checkpoints of later steps (up to %d): an auto-resume picks the "
+                "highest step, and retention keeps the highest ones; use a new output_dir to start a new run",
+                state.global_step, self.manager.output_dir, max(ahead),
+            )
+        return resumed
+
+    def _load(self, target: bool | str | os.PathLike[str], state: Any) -> tuple[Path | None, list[str]]:
         if target is False:
             logger.info("[rank %d] resume_from_checkpoint=False: starting fresh", self.rank)
             return None, []
