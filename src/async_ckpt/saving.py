@@ -19,7 +19,7 @@ from typing import Any
 from . import faults
 from .commit import CommitChannel, Outcome, Report, first_failure
 from .components import FileFormat, StateComponent
-from .errors import CheckpointTimeoutError, describe
+from .errors import CheckpointSaveError, CheckpointTimeoutError, describe
 from .handle import SaveHandle
 from .layout import trash_dirname
 from .manifest import FileEntry, build_manifest, write_manifest
@@ -68,6 +68,7 @@ class SaveContext:
     timeout_s: float
     save_total_limit: int | None
     components: list[dict[str, Any]]  # key, sharing_pattern, required, file_format, group, metadata
+    metadata: dict[str, Any] = field(default_factory=dict)  # the manifest's metadata (mesh record, user keys)
 
 
 def outcome_margin(timeout_s: float) -> float:
@@ -79,10 +80,23 @@ def run_job(ctx: SaveContext, job: SaveJob) -> None:
     """Persist, report and commit one save; resolve ``job.handle``. Commit thread only.
 
     Blocks on disk I/O, on the I/O pool, and on the Store for at most ``timeout_s`` (rank 0
-    waiting for reports) or ``timeout_s + margin`` (other ranks waiting for the outcome).
+    waiting for reports) or ``timeout_s + margin`` (other ranks waiting for the outcome). The
+    handle is resolved whatever happens, so no ``wait()`` can hang on a dead job.
     """
+    try:
+        _run(ctx, job)
+    except BaseException as exc:  # a bug or an interpreter shutdown: still end the save
+        if not job.handle.done():
+            job.handle._fail(CheckpointSaveError(describe(f"internal error: {type(exc).__name__}: {exc}", rank=ctx.rank, step=job.step, phase="commit", path=job.staging)))
+        logger.exception("[rank %d step %d] save job crashed", ctx.rank, job.step)
+
+
+def _run(ctx: SaveContext, job: SaveJob) -> None:
     started = time.monotonic()
-    report = job.failure or _write_all(ctx, job)
+    try:
+        report = job.failure or _write_all(ctx, job)
+    except Exception as exc:  # e.g. the staging directory cannot be created
+        report = Report(rank=ctx.rank, ok=False, error=describe(f"{type(exc).__name__}: {exc}", rank=ctx.rank, step=job.step, phase="write", path=job.staging))
     job.handle._release()
     report.timings = {**job.timings, **report.timings, "persist_s": time.monotonic() - started}
     try:
@@ -185,7 +199,7 @@ def _publish(ctx: SaveContext, job: SaveJob, reports: list[Report], waited_s: fl
         files = {name: FileEntry(**entry) for r in reports for name, entry in r.files.items()}
         timings = {str(r.rank): r.timings for r in reports}
         timings["0"]["commit_wait_s"] = waited_s
-        manifest = build_manifest(step=job.step, world_size=ctx.world_size, path=job.final, components=ctx.components, files=files, timings=timings)
+        manifest = build_manifest(step=job.step, world_size=ctx.world_size, path=job.final, components=ctx.components, files=files, timings=timings, metadata=ctx.metadata)
         write_manifest(job.staging, manifest)
         faults.hit("before_publish", 0)
         trash = ctx.output_dir / trash_dirname(job.step, uuid.uuid4().hex[:12], "replaced")

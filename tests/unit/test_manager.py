@@ -739,3 +739,21 @@ def test_duplicate_components_refused(tmp_path):
     model, opt = _setup()
     with pytest.raises(CheckpointConfigError, match="Duplicate"):
         CheckpointManager(tmp_path, [StateComponent("model", model), StateComponent("model", opt)])
+
+
+def test_staging_dir_that_cannot_be_created_fails_the_save_instead_of_hanging(tmp_path, monkeypatch):
+    import async_ckpt.saving as saving
+
+    model, opt = _setup()
+    with CheckpointManager(tmp_path, _components(model, opt)) as mgr:
+        mgr.save(1).wait()
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(saving.os, "makedirs", refuse)
+        with pytest.raises(CheckpointSaveError, match=r"phase write\] PermissionError"):
+            mgr.save(2).wait(timeout=30)
+        monkeypatch.undo()
+        assert mgr.save(3).wait() == tmp_path / "checkpoint-3"
+    assert [step for step, _ in list_committed(tmp_path)] == [1, 3]
