@@ -34,6 +34,7 @@ from .errors import (
 from .handle import SaveHandle
 from .layout import checkpoint_dirname, file_name, list_committed, slot, staging_dirname, writes
 from .loading import LoadResult, apply_states, read_candidate
+from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups, mesh_refusal
 from .retention import clean_leftovers
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_job
 from .staging import StagingPool
@@ -48,6 +49,10 @@ class CheckpointManager:
 
     Construction is collective: every rank of ``process_group`` (default: the whole job) builds
     its manager at the same point; rank 0 removes what crashed saves left behind.
+
+    ``process_groups={name: group}`` and ``mesh=`` (a ``DeviceMesh`` with dimension names, each
+    dimension becoming a group of that name; see ``mesh.py``) name the groups PER_GROUP
+    components use. ``metadata`` (JSON) goes into every manifest, with the mesh under "mesh".
     """
 
     def __init__(
@@ -66,6 +71,8 @@ class CheckpointManager:
         timeout_s: float = 600.0,
         on_busy: str = "block",
         pin_memory: bool | None = None,
+        mesh: Any = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         _check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
         self.output_dir = Path(output_dir)
@@ -75,11 +82,14 @@ class CheckpointManager:
         self.timeout_s = float(timeout_s)
         self.on_busy = on_busy
         self.removed_leftovers: list[Path] = []  # what start-up cleanup removed (rank 0)
-        process_groups = dict(process_groups or {})
+        process_groups = mesh_groups(mesh, process_groups) if mesh is not None else dict(process_groups or {})
+        self.metadata = manifest_metadata(metadata, mesh)  # into every manifest; "mesh" checked on load
         check_components(self.components, list(process_groups))
         distributed = dist.is_available() and dist.is_initialized()
         self._coord = _coordination_group(process_group, self.timeout_s) if distributed else None
         self._world_ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD) if distributed else [0]
+        if mesh is not None:
+            check_mesh_ranks(mesh, self._world_ranks)
         base = Topology.detect(process_group)
         places = self._group_places(process_groups, base.rank) if process_groups else {}
         self.topology = Topology(base.rank, base.world_size, base.local_rank, base.node, places)
@@ -99,6 +109,7 @@ class CheckpointManager:
             timeout_s=self.timeout_s,
             save_total_limit=save_total_limit,
             components=[_describe_component(c) for c in self.components],
+            metadata=self.metadata,
         )
         self._seq = 0
         self._last: SaveHandle | None = None
@@ -135,8 +146,11 @@ class CheckpointManager:
         if self._busy_decision():
             logger.info("[rank %d step %d] previous save still in flight: skipping this one (on_busy='skip')", self.topology.rank, step)
             return SaveHandle(step, final, skipped=True)
-        if self._last is not None:
-            self._last._released.wait()
+        if self._last is not None and not self._last._released.wait(self._bounded_wait_s()):
+            raise CheckpointTimeoutError(
+                f"[rank {self.topology.rank} step {step}] the previous save (step {self._last.step}) still holds the "
+                f"staging buffers after {self._bounded_wait_s():g}s; its writes are stuck (path: {self._last.path})"
+            )
         seq, self._seq = self._seq, self._seq + 1
         handle = SaveHandle(step, final)
         validate_started = time.perf_counter()
@@ -205,7 +219,7 @@ class CheckpointManager:
         Training thread. Raises, once, the failure of any save nobody has seen fail yet.
         """
         self._check_open()
-        limit = self.timeout_s + outcome_margin(self.timeout_s) + 60
+        limit = self._bounded_wait_s()
         for handle in list(self._unsettled):
             try:
                 handle._future.exception(limit)
@@ -269,6 +283,7 @@ class CheckpointManager:
         skipped_reasons = []
         for path in candidates:
             plan = read_candidate(path, self.components, self.topology, verify=self.verify_on_load, strict=strict)
+            plan.refusal += mesh_refusal(plan.manifest, self.metadata.get("mesh"))
             verdicts = self._gather((plan.damage, plan.refusal, plan.too_new))
             damage = [f"rank {r}: {d}" for r, (ds, _, _) in enumerate(verdicts) for d in ds]
             refusal = [f"rank {r}: {d}" for r, (_, rs, _) in enumerate(verdicts) for d in rs]
@@ -337,6 +352,10 @@ class CheckpointManager:
             if handle.failed() and not handle.observed:
                 handle.observed = True
                 raise handle.exception()  # type: ignore[misc]
+
+    def _bounded_wait_s(self) -> float:
+        """The longest a training-thread wait on a save may take: every phase has its own timeout."""
+        return self.timeout_s + outcome_margin(self.timeout_s) + 60.0
 
     def _check_open(self) -> None:
         if self._closed:
