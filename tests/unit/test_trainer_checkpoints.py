@@ -71,6 +71,7 @@ def test_resume_true_without_checkpoint_starts_fresh_and_false_ignores_them(tmp_
     assert first.resumed_from is None and "no committed checkpoint" in caplog.text
     _, again = _train(tmp_path, max_steps=10, resume_from_checkpoint=False)
     assert again.resumed_from is None and again.steps_this_run == 10
+    assert "already holds checkpoints of later steps (up to 10)" in caplog.text
     with pytest.raises(CheckpointNotFoundError):
         _train(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-999"))
 
@@ -181,3 +182,11 @@ def test_a_plain_dataloader_has_no_dataset_component(tmp_path: Path) -> None:
     trainer.train()
     assert "dataset_state.pt" not in {p.name for p in (tmp_path / "checkpoint-5").iterdir()}
     assert [c.key for c in trainer.get_state_components()] == ["model", "optimizer", "scheduler", "trainer", "rng"]
+
+
+def test_skipping_busy_saves_never_skips_the_final_one(tmp_path: Path) -> None:
+    trainer, output = _train(tmp_path, max_steps=12, save_steps=1, save_on_busy="skip", save_total_limit=2)
+    assert output.last_checkpoint == tmp_path / "checkpoint-12"
+    assert (tmp_path / "checkpoint-12" / "checkpoint_manifest.json").exists()
+    steps = [step for step, _ in trainer.save_stalls]
+    assert steps[:12] == list(range(1, 13)) and steps[12:] in ([], [12]), "a skipped step-12 save is redone by the final save"

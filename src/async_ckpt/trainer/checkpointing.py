@@ -51,7 +51,7 @@ class TrainerCheckpoints:
         if step == self.last_saved:
             return
         self.last_saved = step
-        self._observe(block=False)
+        self._observe(block=final)  # the final save must not be skipped for a busy previous one
         for attempt in range(2):
             try:
                 started = time.perf_counter()
@@ -68,7 +68,9 @@ class TrainerCheckpoints:
                 if not earlier or attempt:  # an earlier save's failure surfaced here: try this one once more
                     return
             else:
-                if not handle.skipped:
+                if handle.skipped:  # on_busy="skip": this step is not saved; the final save may still do it
+                    self.last_saved = None
+                else:
                     self.pending.append(handle)
                 return
 
