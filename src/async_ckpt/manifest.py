@@ -74,7 +74,8 @@ class Manifest:
 
 
 def build_manifest(
-    *, step: int, world_size: int, path: Path, components: list[dict[str, Any]], files: dict[str, FileEntry], timings: dict[str, dict[str, float]]
+    *, step: int, world_size: int, path: Path, components: list[dict[str, Any]], files: dict[str, FileEntry], timings: dict[str, dict[str, float]],
+    metadata: dict[str, Any] | None = None,
 ) -> Manifest:
     """Assemble the manifest on rank 0 from the component list and every rank's files (pure)."""
     entries = {}
@@ -100,6 +101,7 @@ def build_manifest(
         timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         pytorch_version=torch.__version__,
         timings=timings,
+        metadata=dict(metadata or {}),
     )
 
 
