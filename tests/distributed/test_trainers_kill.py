@@ -19,6 +19,8 @@ import torch
 
 from async_ckpt.layout import list_committed, list_leftovers
 
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
