@@ -383,7 +383,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
     size = out.stat().st_size
     tied = f"; {len(aliases)} tied name(s) " + ("duplicated" if args.duplicate_tied else "stored once, aliases in the metadata") if aliases else ""
-    print(f"wrote {out}: {len(tensors)} tensors, {_human(size)}, from {len(sources)} file(s) of step {manifest.step}{tied}")
+    print(f"wrote {out}: {len(tensors)} tensor{'s' if len(tensors) != 1 else ''}, {_human(size)}, from {len(sources)} file(s) of step {manifest.step}{tied}")
     return 0
 
 
@@ -410,7 +410,7 @@ def merge_files(path: Path, manifest: Manifest, component: str) -> tuple[dict[st
         state = read_safetensors(data, path=file) if ".safetensors" in name else read_torch(data, path=file)
         if not isinstance(state, dict):
             raise CliError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
-        for key, value in state.items():
+        for key, value in sorted(state.items(), key=lambda kv: str(kv[0])):  # safetensors' order varies
             if not isinstance(value, torch.Tensor):
                 logger.warning("export: skipping %r of %s: a %s, not a tensor", key, name, type(value).__name__)
                 continue
@@ -418,8 +418,9 @@ def merge_files(path: Path, manifest: Manifest, component: str) -> tuple[dict[st
             if key in merged:
                 other = merged[key]
                 if other.dtype != value.dtype or other.shape != value.shape or not torch.equal(other, value):
-                    raise CliError(f"'{key}' is in both {origin[key]} and {name} with different values: stages must use "
-                                   "globally unique parameter names (full module paths) to be merged")
+                    raise CliError(f"'{key}' is in both {origin[key]} and {name} with different values: export merges stages "
+                                   "whose names are unique (full module paths) and identical replicas, not stages named "
+                                   "relative to themselves or tensor-parallel shards")
                 continue
             merged[key], origin[key] = value, name
     return merged, names
