@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `async-ckpt list runs | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CheckpointError, CliError, OSError) as exc:
         print(f"async-ckpt {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `async-ckpt list runs | head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="async-ckpt", description="Inspect and maintain async_ckpt checkpoints.",
                                      epilog="Exit codes: 0 ok, 1 damaged checkpoint or error, 2 bad usage.")
     parser.add_argument("--version", action="version", version=f"async-ckpt {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages of async_ckpt on stderr")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="verify: a line per good file; log async_ckpt's INFO messages on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_SubParser)
 
     p = sub.add_parser("list", help="checkpoints of a run directory and the one resume would pick",
                        description="List committed checkpoints and leftovers. Checks manifests and file sizes only; "
@@ -110,6 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--perf-dir", type=Path, default=None, help="where the benchmarks are (default: ./perf, else the source checkout's)")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser; takes the options every subcommand shares (``-v``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="verify: a line per good file; log async_ckpt's INFO messages on stderr")
+        super().__init__(parents=[common], **kwargs)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -254,14 +264,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         targets = [path]
     else:
         raise CliError(f"no checkpoints under {path}")
-    bad = [target for target in targets if not _verify_one(target, max(1, args.threads))]
+    bad = [target for target in targets if not _verify_one(target, max(1, args.threads), args.verbose)]
     if len(targets) > 1:
         print(f"{len(targets) - len(bad)} of {len(targets)} checkpoints verified" + (f"; damaged: {', '.join(p.name for p in bad)}" if bad else ""))
     return 1 if bad else 0
 
 
-def _verify_one(path: Path, threads: int) -> bool:
-    """Hash every file of one checkpoint on ``threads`` threads; print OK/BAD lines; True when good."""
+def _verify_one(path: Path, threads: int, each: bool = False) -> bool:
+    """Hash every file of one checkpoint on ``threads`` threads; print OK/BAD lines; True when good.
+
+    ``each``: also print a line for every good file.
+    """
     try:
         manifest = read_manifest(path)
     except CheckpointError as exc:
@@ -290,13 +303,17 @@ def _verify_one(path: Path, threads: int) -> bool:
             bad[name] = f"{path / name}: missing, and component '{component}' is required"
         else:
             print(f"MISSING {path / name} (optional component '{component}': deleted for a partial resume?)")
+    if each:
+        for name in sorted(set(names) - set(bad) - set(missing)):
+            print(f"ok   {path / name}: {_human(manifest.files[name].size)}, xxh3 {manifest.files[name].xxh3}")
     for name in sorted(bad):
         print(f"BAD  {bad[name]}")
     if bad:
         print(f"BAD  {path}: {len(bad)} of {len(names)} files damaged")
         return False
     partial = f" ({len(missing)} optional missing)" if missing else ""
-    print(f"OK   {path}: {len(names) - len(missing)} files{partial}, {_human(total)}, {time.monotonic() - started:.2f} s")
+    present = total - sum(manifest.files[name].size for name in missing)
+    print(f"OK   {path}: {len(names) - len(missing)} files{partial}, {_human(present)}, {time.monotonic() - started:.2f} s")
     return True
 
 

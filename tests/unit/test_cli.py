@@ -322,6 +322,14 @@ def test_verify_good(capsys, made):
     assert code == 0 and out.count("OK   ") == 3 and "3 of 3 checkpoints verified" in out
 
 
+def test_verify_verbose_lists_every_file(capsys, made):
+    checkpoint = made / "run" / "checkpoint-30"
+    for argv in (["-v", "verify", checkpoint], ["verify", checkpoint, "-v"]):
+        code, out, _ = cli(capsys, *argv)
+        assert code == 0 and out.count("ok   ") == 3 and f"ok   {checkpoint / 'model.safetensors'}: " in out
+    assert "ok   " not in cli(capsys, "verify", checkpoint)[1]
+
+
 @pytest.mark.parametrize("run, checkpoint", [("zstd", "checkpoint-7"), ("pp", "checkpoint-5"), ("pp_pt", "checkpoint-5")])
 def test_verify_other_layouts(capsys, made, run, checkpoint):
     assert cli(capsys, "verify", made / run / checkpoint)[0] == 0
