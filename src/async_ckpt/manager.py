@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from . import faults
@@ -37,7 +38,7 @@ from .loading import LoadResult, apply_states, read_candidate
 from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups, mesh_refusal
 from .retention import clean_leftovers
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_job
-from .staging import StagingPool
+from .staging import BackgroundSnapshot, StagingPool, frozen_identities
 from .topology import Topology, group_places
 from .validation import validate_replication
 
@@ -53,6 +54,13 @@ class CheckpointManager:
     ``process_groups={name: group}`` and ``mesh=`` (a ``DeviceMesh`` with dimension names, each
     dimension becoming a group of that name; see ``mesh.py``) name the groups PER_GROUP
     components use. ``metadata`` (JSON) goes into every manifest, with the mesh under "mesh".
+
+    ``incremental``: keys of ``nn.Module`` components whose frozen parameters
+    (``requires_grad=False``, held by no optimizer among the components) are not copied again
+    while unchanged by torch's version counter. Contract: such parameters are written only by
+    in-place torch ops, never through ``.data``, NumPy, DLPack or raw storage;
+    ``verify_incremental=True`` compares the skipped bytes and fails the save on a violation (a
+    debug mode: it reads them all). See docs/performance.md.
     """
 
     def __init__(
@@ -73,6 +81,8 @@ class CheckpointManager:
         pin_memory: bool | None = None,
         mesh: Any = None,
         metadata: Mapping[str, Any] | None = None,
+        incremental: Sequence[str] = (),
+        verify_incremental: bool = False,
     ) -> None:
         _check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
         self.output_dir = Path(output_dir)
@@ -85,6 +95,7 @@ class CheckpointManager:
         process_groups = mesh_groups(mesh, process_groups) if mesh is not None else dict(process_groups or {})
         self.metadata = manifest_metadata(metadata, mesh)  # into every manifest; "mesh" checked on load
         check_components(self.components, list(process_groups))
+        self._incremental = _check_incremental(self.components, incremental)
         distributed = dist.is_available() and dist.is_initialized()
         self._coord = _coordination_group(process_group, self.timeout_s) if distributed else None
         self._world_ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD) if distributed else [0]
@@ -95,7 +106,9 @@ class CheckpointManager:
         self.topology = Topology(base.rank, base.world_size, base.local_rank, base.node, places)
         self.run_id = self._start(distributed)
         store = dist.PrefixStore(f"async_ckpt/{self.run_id}/", dist.distributed_c10d._get_default_store()) if distributed else dist.HashStore()
-        self._pool = StagingPool(pin_memory)
+        self._pool = StagingPool(pin_memory, verify_incremental=verify_incremental)
+        self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-copy")  # overlap mode
+        self._pending: tuple[BackgroundSnapshot, SaveJob] | None = None  # overlap save awaiting wait_snapshot()
         self._io = concurrent.futures.ThreadPoolExecutor(num_io_threads, thread_name_prefix="async_ckpt-io")
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
         self._ctx = SaveContext(
@@ -129,7 +142,7 @@ class CheckpointManager:
             if writes(component, self.topology):
                 self._pool.reserve(component.key, component.stateful.state_dict())
 
-    def save(self, step: int) -> SaveHandle:
+    def save(self, step: int, *, overlap: bool = False) -> SaveHandle:
         """Snapshot every component and return while the checkpoint is written in the background.
 
         Training thread, every rank, same steps in the same order. Blocks while the previous save
@@ -137,8 +150,13 @@ class CheckpointManager:
         rank (``"skip"``); then for the copy into the buffers; with ``async_save=False`` until
         the commit. Raises first the unobserved failure of an earlier save, if any; raises
         ``ReplicationValidationError`` on every rank when a REPLICATED component differs.
+
+        ``overlap=True`` (async saves): return before the large tensors are copied; the copy runs
+        on a helper thread while forward and backward compute, and ``wait_snapshot()`` must be
+        called before the optimizer step or any other change to the state.
         """
         self._check_open()
+        self.wait_snapshot()
         started = time.perf_counter()
         self._raise_unobserved()
         step = int(step)
@@ -156,7 +174,7 @@ class CheckpointManager:
         validate_started = time.perf_counter()
         self._validate(step)
         copy_started = time.perf_counter()
-        tasks, failure = self._snapshot(step)
+        tasks, failure, background = self._snapshot(step, overlap and self.async_save)
         now = time.perf_counter()
         job = SaveJob(
             seq=seq, step=step, handle=handle, tasks=tasks, failure=failure, final=final,
@@ -166,27 +184,49 @@ class CheckpointManager:
         handle.timings.update(job.timings)
         self._last = handle
         self._unsettled.append(handle)
-        self._committer.submit(run_job, self._ctx, job)
+        if background is None:
+            self._committer.submit(run_job, self._ctx, job)
+        else:
+            self._pending = (background, job)
+            self._committer.submit(_run_after_snapshot, self._ctx, job, background)
         logger.debug("[rank %d step %d] staged in %.1f ms", self.topology.rank, step, 1000 * (now - started))
         if not self.async_save:
             handle.wait()
         return handle
 
-    def _snapshot(self, step: int) -> tuple[list[FileTask], Report | None]:
-        """Copy this rank's share of every component into the staging buffers."""
+    def wait_snapshot(self) -> None:
+        """Overlap mode: block until the last ``save(overlap=True)``'s copy is complete.
+
+        Training thread, after backward and before the optimizer step (or any other in-place
+        change to the state). A no-op when no overlap save is pending. If the state changed
+        while it was being copied, that save fails (its handle raises); training goes on.
+        """
+        if self._pending is None:
+            return
+        (background, job), self._pending = self._pending, None
+        job.timings["snapshot_wait_s"] = job.handle.timings["snapshot_wait_s"] = background.wait()
+
+    def _snapshot(self, step: int, overlap: bool = False) -> tuple[list[FileTask], Report | None, BackgroundSnapshot | None]:
+        """Copy this rank's share of every component into the staging buffers (overlap: start to)."""
         topo = self.topology
-        tasks = []
+        tasks, plans = [], []
         component = None
+        optimizers = [c.stateful for c in self.components if isinstance(c.stateful, torch.optim.Optimizer)]
         try:
             for component in self.components:
                 if writes(component, topo):
-                    staged = self._pool.stage(component.key, component.stateful.state_dict())
-                    tasks.append(FileTask(component, file_name(component, topo, self._ctx.codec is not None), slot(component, topo), staged))
+                    frozen = frozen_identities(component.stateful, optimizers) if component.key in self._incremental else ()
+                    plan = self._pool.plan(component.key, component.stateful.state_dict(), frozen=frozen)
+                    if not overlap:
+                        plan.run()
+                    plans.append(plan)
+                    tasks.append(FileTask(component, file_name(component, topo, self._ctx.codec is not None), slot(component, topo), plan.staged))
             faults.hit("after_snapshot", topo.rank)
+            background = BackgroundSnapshot(plans, self._copier) if overlap else None  # last: nothing can fail after it starts
         except Exception as exc:
             key = component.key if component is not None else None
-            return [], Report(rank=topo.rank, ok=False, error=describe(f"{type(exc).__name__}: {exc}", rank=topo.rank, step=step, component=key, phase="snapshot"))
-        return tasks, None
+            return [], Report(rank=topo.rank, ok=False, error=describe(f"{type(exc).__name__}: {exc}", rank=topo.rank, step=step, component=key, phase="snapshot")), None
+        return tasks, None, background
 
     def _validate(self, step: int) -> None:
         if self._coord is None or self.topology.world_size == 1:
@@ -219,6 +259,7 @@ class CheckpointManager:
         Training thread. Raises, once, the failure of any save nobody has seen fail yet.
         """
         self._check_open()
+        self.wait_snapshot()
         limit = self._bounded_wait_s()
         for handle in list(self._unsettled):
             try:
@@ -242,6 +283,7 @@ class CheckpointManager:
             self._closed = True
             self._committer.shutdown(wait=True)
             self._io.shutdown(wait=True)
+            self._copier.shutdown(wait=True)
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -360,6 +402,30 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager for {self.output_dir} is closed")
+
+
+def _run_after_snapshot(ctx: SaveContext, job: SaveJob, background: BackgroundSnapshot) -> None:
+    """Commit thread, overlap mode: write only once the training thread confirmed the snapshot."""
+    error = background.verdict(ctx.timeout_s)
+    if error is not None and job.failure is None:
+        job.failure = Report(rank=ctx.rank, ok=False, error=describe(error, rank=ctx.rank, step=job.step, phase="snapshot"))
+    run_job(ctx, job)
+
+
+def _check_incremental(components: Sequence[StateComponent], keys: Sequence[str]) -> frozenset[str]:
+    """The keys of the components that stage incrementally; refuses unknown keys and non-modules."""
+    if isinstance(keys, str):
+        raise CheckpointConfigError(f"incremental takes a list of component keys, got the string {keys!r}: use incremental=[{keys!r}]")
+    by_key = {c.key: c for c in components}
+    for key in keys:
+        if key not in by_key:
+            raise CheckpointConfigError(f"incremental names component {key!r}, which is not one of {sorted(by_key)}")
+        if not isinstance(by_key[key].stateful, torch.nn.Module):
+            raise CheckpointConfigError(
+                f"incremental component {key!r} is a {type(by_key[key].stateful).__name__}, not a torch.nn.Module: "
+                "only a module's frozen parameters can be left in place"
+            )
+    return frozenset(keys)
 
 
 def _coordination_group(process_group: Any, timeout_s: float) -> Any:

@@ -3,24 +3,44 @@
 ``StagingPool.stage`` is called on the training thread inside ``save()``: it copies every tensor
 of a state dict into a buffer kept from the previous save (same component, path, shape and
 dtype), deep-copies everything else, and returns the copy. On CUDA the buffers are pinned and the
-copies are issued non-blocking on a side stream, synchronised before ``stage`` returns, so the
-snapshot is complete when ``save()`` returns. The background threads read the returned copy
-while the training thread goes on; the pool must not be staged into again until they are done
-(the manager guarantees it: one save holds the buffers at a time).
+copies are issued non-blocking on a side stream, synchronised before the copy is handed over.
+The background threads read the returned copy while the training thread goes on; the pool must
+not be staged into again until they are done (the manager guarantees it: one save holds the
+buffers at a time).
+
+A stage is two halves: ``plan`` (training thread: walk the state, pick buffers, deep-copy the
+non-tensors, decide what to skip) and ``StagePlan.run`` (the tensor bytes; any thread). Overlap
+mode (``BackgroundSnapshot``) runs the second half on a helper thread while forward and backward
+compute.
+
+Incremental staging (opt-in per call, ``frozen=``): a frozen parameter whose storage, layout and
+version counter are unchanged since its buffer was filled is not copied again; the buffer
+already holds its bytes. torch bumps the version counter on every in-place op through the
+parameter or a view of it, but not on writes through ``.data``, NumPy, DLPack or raw storage,
+nor inside fused optimizer kernels: hence frozen parameters only (``frozen_identities``), never
+parameters an optimizer holds, and the ``verify`` mode that checks the skipped bytes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
+import threading
+import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+
 logger = logging.getLogger(__name__)
+
+SMALL_TENSOR_BYTES = 1 << 20  # overlap mode copies tensors below this on the training thread
 
 
 @dataclass
@@ -29,40 +49,120 @@ class PoolStats:
 
     allocations: int = 0  # buffers created since the pool was built
     bytes_allocated: int = 0  # their total size
-    bytes_copied: int = 0  # bytes copied into buffers by the last stage() call
+    bytes_copied: int = 0  # bytes the last plan()/stage() copies into buffers
+    bytes_skipped: int = 0  # bytes the last plan()/stage() left in place (unchanged frozen tensors)
+    total_copied: int = 0  # bytes_copied summed over every plan since the pool was built
+    total_skipped: int = 0  # bytes_skipped summed likewise
+
+
+@dataclass(frozen=True)
+class _Fill:
+    """What a buffer holds: the bytes of this source tensor at this version."""
+
+    storage: weakref.ref  # the source's storage (dead or different: a new tensor)
+    layout: tuple  # storage offset, shape, stride, dtype
+    version: int
+
+
+@dataclass
+class _Copy:
+    source: torch.Tensor
+    buffer: torch.Tensor
+    where: tuple[str, str]  # (component key, path)
+    version: int | None  # the source's version counter when planned (None: inference tensor)
+
+
+@dataclass
+class StagePlan:
+    """One component's stage: the copy's structure now, its tensor bytes once ``run`` returns."""
+
+    pool: StagingPool
+    staged: Any = None  # the point-in-time copy; its tensors are the pool's buffers
+    copies: list[_Copy] = field(default_factory=list)
+    cuda_ready: Any = None  # an event on the training stream: the copies start after it
+
+    def run(self, part: str = "all") -> None:
+        """Copy the planned tensors into their buffers; blocks until they are complete.
+
+        ``part``: "all", or "small" / "large" (split at ``SMALL_TENSOR_BYTES``) for overlap
+        mode. Training thread, or the overlap helper thread while the training thread
+        computes. Records what each buffer now holds, for incremental staging.
+        """
+        chosen = self._part(part)
+        stream = None
+        for item in chosen:
+            self.pool._filled.pop(item.where, None)  # a failed copy leaves nothing to trust
+            if item.source.is_cuda:
+                stream = self.pool._side_stream(item.source.device)
+                if self.cuda_ready is not None:
+                    stream.wait_event(self.cuda_ready)
+                with torch.cuda.stream(stream):
+                    item.buffer.copy_(item.source, non_blocking=True)
+            else:
+                item.buffer.copy_(item.source)
+        if stream is not None:
+            stream.synchronize()
+        for item in chosen:
+            if item.version is not None:
+                self.pool._filled[item.where] = _Fill(weakref.ref(item.source.untyped_storage()), _layout(item.source), item.version)
+
+    def changed(self, part: str = "all") -> list[str]:
+        """Paths (of ``part``) whose source changed, by its version counter, since ``plan``: a torn copy."""
+        return [f"{c.where[0]}{c.where[1]}" for c in self._part(part) if c.version is not None and _version(c.source) != c.version]
+
+    def _part(self, part: str) -> list[_Copy]:
+        if part == "all":
+            return self.copies
+        return [c for c in self.copies if (_nbytes(c.buffer) < SMALL_TENSOR_BYTES) == (part == "small")]
+
+    def forget(self) -> None:
+        """Trust none of this plan's buffers for incremental staging (after a torn copy)."""
+        for item in self.copies:
+            self.pool._filled.pop(item.where, None)
 
 
 class StagingPool:
     """Reusable host buffers, keyed by (component, path in the state dict, shape, dtype)."""
 
-    def __init__(self, pin_memory: bool | None = None) -> None:
+    def __init__(self, pin_memory: bool | None = None, *, verify_incremental: bool = False) -> None:
         self._pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._verify = verify_incremental  # compare the bytes of every skipped tensor (debug)
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+        self._filled: dict[tuple[str, str], _Fill] = {}
         self._stream: Any = None
         self.stats = PoolStats()
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the pool's buffers."""
-        return sum(buf.numel() * buf.element_size() for buf in self._buffers.values())
+        return sum(_nbytes(buf) for buf in self._buffers.values())
 
-    def stage(self, key: str, state: Any) -> Any:
+    def stage(self, key: str, state: Any, *, frozen: Collection[tuple] = ()) -> Any:
         """Return a point-in-time copy of ``state`` whose tensors live in this pool's buffers.
 
         Called on the training thread. Blocks until every copy (including device-to-host copies
         on CUDA) has finished. Tensors that share memory (tied weights) share one buffer in the
-        copy, so ties survive.
+        copy, so ties survive. ``frozen``: identities (``frozen_identities``) of tensors that
+        may be left in place when unchanged since their buffer was filled.
         """
-        self.stats.bytes_copied = 0
+        plan = self.plan(key, state, frozen=frozen)
+        plan.run()
+        return plan.staged
+
+    def plan(self, key: str, state: Any, *, frozen: Collection[tuple] = ()) -> StagePlan:
+        """Build the copy of ``state`` without copying tensor bytes yet (``StagePlan.run`` does).
+
+        Training thread. Allocates missing buffers, deep-copies non-tensor values, and decides
+        which frozen tensors are skipped; with ``verify_incremental`` raises ``CheckpointError``
+        when a skipped tensor's bytes differ from its buffer's.
+        """
+        self.stats.bytes_copied = self.stats.bytes_skipped = 0
+        plan = StagePlan(self)
         memo: dict[tuple, torch.Tensor] = {}
-        cuda_used = False
 
         def visit(value: Any, path: str) -> Any:
-            nonlocal cuda_used
             if isinstance(value, torch.Tensor):
-                if value.is_cuda:
-                    cuda_used = True
-                return self._copy_tensor(key, path, value, memo)
+                return self._plan_tensor(plan, key, path, value, memo, frozen)
             if isinstance(value, Mapping):
                 items = [(k, visit(v, f"{path}.{k}")) for k, v in value.items()]
                 return type(value)(items) if type(value) in (dict, OrderedDict) else dict(items)
@@ -73,10 +173,10 @@ class StagingPool:
             return copy.deepcopy(value)
 
         with torch.no_grad():
-            staged = visit(state, "")
-        if cuda_used and self._stream is not None:
-            self._stream.synchronize()
-        return staged
+            plan.staged = visit(state, "")
+        if any(c.source.is_cuda for c in plan.copies):
+            plan.cuda_ready = torch.cuda.current_stream(next(c.source.device for c in plan.copies if c.source.is_cuda)).record_event()
+        return plan
 
     def reserve(self, key: str, state: Any) -> None:
         """Allocate the buffers ``stage`` will need for a state like ``state``, without copying.
@@ -102,25 +202,32 @@ class StagingPool:
 
         visit(state, "")
 
-    def _copy_tensor(self, key: str, path: str, tensor: torch.Tensor, memo: dict[tuple, torch.Tensor]) -> torch.Tensor:
-        tensor = tensor.detach()
+    def _plan_tensor(self, plan: StagePlan, key: str, path: str, tensor: torch.Tensor, memo: dict[tuple, torch.Tensor], frozen: Collection[tuple]) -> torch.Tensor:
+        tensor = tensor.detach()  # shares the version counter with the parameter
         if tensor.layout is not torch.strided:  # sparse and friends: rare, copied fresh each save
             return tensor.to("cpu", copy=True)
         ident = _identity(tensor)
         if tensor.numel() and ident in memo:
             return memo[ident]
         buffer = self._buffer(key, path, tensor)
-        if tensor.is_cuda:
-            stream = self._side_stream(tensor.device)
-            stream.wait_stream(torch.cuda.current_stream(tensor.device))
-            with torch.cuda.stream(stream):
-                buffer.copy_(tensor, non_blocking=True)
-        else:
-            buffer.copy_(tensor)
-        self.stats.bytes_copied += buffer.numel() * buffer.element_size()
         if tensor.numel():
             memo[ident] = buffer
+        version = _version(tensor)
+        if ident in frozen and version is not None and self._unchanged((key, path), tensor, version):
+            if self._verify:
+                _check_same(key, path, tensor, buffer)
+            self.stats.bytes_skipped += _nbytes(buffer)
+            self.stats.total_skipped += _nbytes(buffer)
+            return buffer
+        plan.copies.append(_Copy(tensor, buffer, (key, path), version))
+        self.stats.bytes_copied += _nbytes(buffer)
+        self.stats.total_copied += _nbytes(buffer)
         return buffer
+
+    def _unchanged(self, where: tuple[str, str], tensor: torch.Tensor, version: int) -> bool:
+        """Whether the buffer at ``where`` holds ``tensor``'s bytes at its current version."""
+        fill = self._filled.get(where)
+        return fill is not None and fill.version == version and fill.layout == _layout(tensor) and fill.storage() is tensor.untyped_storage()
 
     def _buffer(self, key: str, path: str, tensor: torch.Tensor, touch: bool = False) -> torch.Tensor:
         """The buffer for ``(key, path)``, allocated on first use or when shape or dtype change.
@@ -135,8 +242,9 @@ class StagingPool:
         if touch:
             buffer.zero_()
         self._buffers[(key, path)] = buffer
+        self._filled.pop((key, path), None)
         self.stats.allocations += 1
-        self.stats.bytes_allocated += buffer.numel() * buffer.element_size()
+        self.stats.bytes_allocated += _nbytes(buffer)
         logger.debug("staging: new buffer %s%s %s %s (pinned=%s)", key, path, tuple(tensor.shape), tensor.dtype, pin)
         return buffer
 
@@ -146,7 +254,107 @@ class StagingPool:
         return self._stream
 
 
+class BackgroundSnapshot:
+    """Overlap mode: a save's large copies run on a helper thread while forward/backward compute.
+
+    Built by ``save(overlap=True)`` on the training thread, which copies the small tensors
+    (BatchNorm statistics, step counters) at once. ``wait`` is called on the training thread
+    before anything changes the state (the optimizer step): it blocks until the copies end and
+    checks that no tensor's version counter moved meanwhile. ``verdict`` is called on the
+    commit thread before any byte is written: it blocks until ``wait`` has run.
+    """
+
+    def __init__(self, plans: list[StagePlan], executor: concurrent.futures.Executor) -> None:
+        self._plans = plans
+        self._confirmed = threading.Event()
+        self._error: str | None = None
+        for plan in plans:
+            plan.run("small")
+        self._copied = executor.submit(self._copy_large)
+
+    def _copy_large(self) -> None:
+        for plan in self._plans:
+            plan.run("large")
+
+    def wait(self) -> float:
+        """Block until the snapshot is complete; return the seconds spent blocked. Training thread."""
+        started = time.perf_counter()
+        try:
+            try:
+                self._copied.result()
+            except Exception as exc:  # a failed copy fails the save, never the training step
+                self._error = f"copy failed: {type(exc).__name__}: {exc}"
+            blocked = time.perf_counter() - started
+            torn = [path for plan in self._plans for path in plan.changed("large")]
+            if torn and self._error is None:
+                self._error = (
+                    f"the state changed while overlap mode was copying it ({', '.join(torn[:3])}"
+                    f"{', ...' if len(torn) > 3 else ''}): call wait_snapshot() before the optimizer step "
+                    "or any other in-place change"
+                )
+            if self._error is not None:
+                for plan in self._plans:
+                    plan.forget()
+            return blocked
+        finally:
+            self._confirmed.set()
+
+    def verdict(self, timeout: float) -> str | None:
+        """Commit thread: block until ``wait`` ran; return why the snapshot is unusable, or None."""
+        if not self._confirmed.wait(timeout):
+            self._copied.exception()  # never leave the copy running under a write
+            for plan in self._plans:
+                plan.forget()
+            return (
+                f"save(overlap=True) was never confirmed by wait_snapshot() within {timeout:g}s: "
+                "call it before the optimizer step (the snapshot is not known to be point-in-time)"
+            )
+        return self._error
+
+
+def frozen_identities(stateful: Any, optimizers: Iterable[Any] = ()) -> set[tuple]:
+    """Identities of the tensors incremental staging may skip: ``stateful``'s frozen parameters.
+
+    A parameter qualifies when ``requires_grad`` is False and no optimizer in ``optimizers``
+    holds it (fused optimizers update parameters without bumping their version counter, so a
+    parameter an optimizer may touch is always copied). Non-modules have none.
+    """
+    if not isinstance(stateful, torch.nn.Module):
+        return set()
+    held = {id(p) for opt in optimizers for group in getattr(opt, "param_groups", ()) for p in group.get("params", ())}
+    return {_identity(p.detach()) for p in stateful.parameters() if not p.requires_grad and id(p) not in held}
+
 
 def _identity(tensor: torch.Tensor) -> tuple:
     """Two names with the same identity are the same memory (tied weights): one buffer serves both."""
     return (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _layout(tensor: torch.Tensor) -> tuple:
+    return (tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter; None for inference tensors, which have none (never skipped)."""
+    if tensor.is_inference():
+        return None
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _check_same(key: str, path: str, tensor: torch.Tensor, buffer: torch.Tensor) -> None:
+    """``verify_incremental``: the skipped tensor's bytes must equal its buffer's."""
+    source = tensor.to("cpu") if tensor.is_cuda else tensor
+    same = torch.equal(source.contiguous().reshape(-1).view(torch.uint8), buffer.reshape(-1).view(torch.uint8)) if tensor.numel() else True
+    if not same:
+        raise CheckpointError(
+            f"Incremental staging: component '{key}' tensor '{path.lstrip('.')}' changed without bumping its "
+            "version counter (written through .data, NumPy, DLPack, raw storage or a C extension). "
+            "Write frozen parameters only through in-place torch ops, or drop the component from incremental."
+        )
