@@ -8,6 +8,10 @@ Per save ``seq``::
 
     every rank   report(seq)  ──▶  rank 0  collect(seq)  ─ all ok ─▶ manifest, publish dir ─┐
     every rank   outcome(seq) ◀────────────────────────  publish(seq, ok | failure) ◀────────┘
+
+Rank 0 waits on one counter (``<seq>/reported``, bumped with ``Store.add`` after each report)
+rather than polling every rank's key, and reads all reports in one ``multi_get``: both cost
+O(1) round trips per poll whatever the world size (perf/commit_cost.py, docs/parallelism.md).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _POLL_MIN_S = 0.001
 _POLL_MAX_S = 0.05
+_COUNT_POLL_MAX_S = 0.01  # rank 0 polls one counter: cheap, so it may poll more often
 _ERROR_TYPES = {
     "save": CheckpointSaveError,
     "timeout": CheckpointTimeoutError,
@@ -69,8 +74,13 @@ class CommitChannel:
         self.world_size = world_size
 
     def report(self, seq: int, report: Report) -> None:
-        """Every rank: hand in this rank's report for save ``seq``. Does not block on other ranks."""
+        """Every rank: hand in this rank's report for save ``seq``. Does not block on other ranks.
+
+        The counter is bumped after the report is stored, so a full count means every report can
+        be read.
+        """
         self._store.set(f"{seq}/report/{self.rank}", json.dumps(asdict(report)))
+        self._store.add(f"{seq}/reported", 1)
 
     def collect(self, seq: int, timeout_s: float) -> list[Report]:
         """Rank 0: wait until every rank has reported ``seq`` or ``timeout_s`` passes.
@@ -78,11 +88,14 @@ class CommitChannel:
         Raises ``CheckpointTimeoutError`` naming the ranks that did not report.
         """
         keys = [f"{seq}/report/{r}" for r in range(self.world_size)]
-        missing = self._wait(keys, timeout_s)
-        if missing:
-            ranks = ", ".join(k.rsplit("/", 1)[1] for k in missing)
-            raise CheckpointTimeoutError(f"rank(s) {ranks} did not report within {timeout_s:g}s")
-        return [Report(**json.loads(self._store.get(k))) for k in keys]
+        if not self._wait_count(f"{seq}/reported", self.world_size, timeout_s):
+            missing = [k for k in keys if not self._store.check([k])]
+            if missing:  # else a rank stored its report but died before counting it: all are in
+                ranks = ", ".join(k.rsplit("/", 1)[1] for k in missing)
+                raise CheckpointTimeoutError(f"rank(s) {ranks} did not report within {timeout_s:g}s")
+        multi_get = getattr(self._store, "multi_get", None)
+        values = multi_get(keys) if multi_get is not None else [self._store.get(k) for k in keys]
+        return [Report(**json.loads(v)) for v in values]
 
     def publish(self, seq: int, outcome: Outcome) -> None:
         """Rank 0: publish the outcome of ``seq`` and forget the keys of the save before it.
@@ -113,10 +126,22 @@ class CommitChannel:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, _POLL_MAX_S)
 
+    def _wait_count(self, key: str, count: int, timeout_s: float) -> bool:
+        """Poll counter ``key`` until it reaches ``count`` (True) or ``timeout_s`` passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        delay = _POLL_MIN_S
+        while True:
+            if self._store.add(key, 0) >= count:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, _COUNT_POLL_MAX_S)
+
     def _forget(self, seq: int) -> None:
         if seq < 0:
             return
-        for key in [f"{seq}/outcome"] + [f"{seq}/report/{r}" for r in range(self.world_size)]:
+        for key in [f"{seq}/outcome", f"{seq}/reported"] + [f"{seq}/report/{r}" for r in range(self.world_size)]:
             try:
                 self._store.delete_key(key)
             except Exception:  # some stores cannot delete; the keys are small

@@ -5,8 +5,10 @@ Threads stand in for ranks: each has its own CommitChannel on one shared store.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from dataclasses import asdict
 
 import pytest
 import torch.distributed as dist
@@ -153,3 +155,60 @@ def test_publish_forgets_previous_save_keys():
         assert chans[1].outcome(seq, timeout_s=5).path == f"p{seq}"
     assert not store.check(["0/outcome"]) and not store.check(["0/report/0"]) and not store.check(["0/report/1"])
     assert store.check(["1/outcome"]) and store.check(["1/report/1"])
+
+
+class CountingStore:
+    """A HashStore that counts the calls rank 0's wait makes."""
+
+    def __init__(self) -> None:
+        self.inner = dist.HashStore()
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return method(*args)
+
+        return counted
+
+
+@pytest.mark.timeout(60)
+def test_collect_polls_one_counter_and_reads_all_reports_at_once():
+    store = CountingStore()
+    world = 64
+    chans = [CommitChannel(store, rank, world) for rank in range(world)]
+
+    def late():
+        time.sleep(0.1)
+        for rank in range(world):
+            chans[rank].report(0, _report(rank))
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    reports = chans[0].collect(0, timeout_s=10)
+    thread.join()
+    assert [r.rank for r in reports] == list(range(world))
+    assert store.calls.get("check", 0) == 0 and store.calls.get("get", 0) == 0  # no per-rank polling or reads
+    assert store.calls["multi_get"] == 1
+    assert store.calls["add"] < world + 40  # one per report, plus rank 0's polls of the counter
+
+
+@pytest.mark.timeout(60)
+def test_a_report_stored_but_not_counted_still_commits_after_the_timeout():
+    store, chans = _channels(2)
+    chans[0].report(0, _report(0))
+    store.set("0/report/1", json.dumps(asdict(_report(1))))  # rank 1 died between set and add
+    assert [r.rank for r in chans[0].collect(0, timeout_s=0.3)] == [0, 1]
+
+
+@pytest.mark.timeout(60)
+def test_publish_forgets_the_counter_too():
+    store, chans = _channels(2)
+    for seq in (0, 1):
+        for r in (0, 1):
+            chans[r].report(seq, _report(r))
+        chans[0].collect(seq, timeout_s=5)
+        chans[0].publish(seq, Outcome(ok=True, path=f"p{seq}"))
+    assert not store.check(["0/reported"]) and store.check(["1/reported"])
