@@ -18,8 +18,10 @@ model and data. Prints a markdown table; writes perf/results/overlap.json and ov
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,30 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i, :-1], "labels": self.ids[i, 1:]}
 
 
+class TimedTrainer(Trainer):
+    """Also records the training thread's CPU time per step: it does not count waiting for a core."""
+
+    def training_step(self, batch: Any) -> torch.Tensor:
+        started = time.thread_time()
+        loss = super().training_step(batch)
+        self.cpu_times.append(time.thread_time() - started)
+        return loss
+
+
+def paired_ratios(stats: list[tuple[int, float, bool]]) -> list[float]:
+    """Each in-flight step over the median of the (up to 5) quiet steps just before it.
+
+    Neighbouring steps share the machine's load at that moment, so on a shared, busy machine this
+    isolates the cost of the save better than comparing medians over the whole run.
+    """
+    out = []
+    for i, (_, seconds, busy) in enumerate(stats):
+        quiet = [s for _, s, b in stats[max(0, i - 8) : i] if not b][-5:]
+        if busy and len(quiet) >= 3:
+            out.append(seconds / statistics.median(quiet))
+    return out
+
+
 def run(mode: str, root: Path, steps: int, save_steps: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = TinyLM()
@@ -64,11 +90,14 @@ def run(mode: str, root: Path, steps: int, save_steps: int) -> dict[str, Any]:
         save_strategy="no" if mode == "none" else "steps", save_steps=save_steps, save_total_limit=2,
         async_save=mode != "sync", resume_from_checkpoint=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(8 * steps))
+    trainer = TimedTrainer(model=model, args=args, train_dataset=Tokens(8 * steps))
+    trainer.cpu_times = []
     trainer.train()
     warm = [s for s in trainer.step_stats if s[0] > 5]  # skip allocator and first-save warm-up
     quiet = [sec for _, sec, busy in warm if not busy]
     busy = [sec for _, sec, busy in warm if busy]
+    cpu = list(zip(trainer.cpu_times, (b for _, _, b in trainer.step_stats)))[5:]
+    ratios = paired_ratios(warm)
     stalls = [sec for step, sec in trainer.save_stalls if step != save_steps and step != steps]
     return {
         "mode": mode,
@@ -79,6 +108,10 @@ def run(mode: str, root: Path, steps: int, save_steps: int) -> dict[str, Any]:
         "quiet_p99_ms": _ms(_p99(quiet)) if quiet else None,
         "in_flight_median_ms": _ms(statistics.median(busy)) if busy else None,
         "in_flight_p99_ms": _ms(_p99(busy)) if busy else None,
+        "paired_ratio_median": round(statistics.median(ratios), 3) if ratios else None,
+        "paired_ratio_p90": round(sorted(ratios)[int(0.9 * (len(ratios) - 1))], 3) if ratios else None,
+        "quiet_cpu_median_ms": _ms(statistics.median([c for c, b in cpu if not b])),
+        "in_flight_cpu_median_ms": _ms(statistics.median([c for c, b in cpu if b])) if any(b for _, b in cpu) else None,
         "save_stall_median_ms": _ms(statistics.median(stalls)) if stalls else None,
         "save_stall_max_ms": _ms(max(stalls)) if stalls else None,
     }
@@ -102,14 +135,16 @@ def table(rows: list[dict[str, Any]], base_median: float) -> str:
         return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
     lines = [
-        "| mode | steps quiet / in flight | quiet median ms | quiet p99 ms | in-flight median ms | in-flight p99 ms | in-flight vs no-save median | save() stall median ms (max) |",
+        "| mode | steps quiet / in flight | quiet median ms (p99) | in-flight median ms (p99) | in-flight vs no-save run | in-flight vs preceding quiet steps, median (p90) | training-thread CPU ms quiet / in flight | save() stall ms median (max) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{100 * (r['in_flight_median_ms'] / base_median - 1):+.1f}%" if r["in_flight_median_ms"] else "-"
+        paired = f"{100 * (r['paired_ratio_median'] - 1):+.1f}% ({100 * (r['paired_ratio_p90'] - 1):+.1f}%)" if r["paired_ratio_median"] else "-"
         lines.append(
-            f"| {r['mode']} | {r['steps_quiet']} / {r['steps_in_flight']} | {cell(r['quiet_median_ms'])} | {cell(r['quiet_p99_ms'])} | "
-            f"{cell(r['in_flight_median_ms'])} | {cell(r['in_flight_p99_ms'])} | {ratio} | {cell(r['save_stall_median_ms'])} ({cell(r['save_stall_max_ms'])}) |"
+            f"| {r['mode']} | {r['steps_quiet']} / {r['steps_in_flight']} | {cell(r['quiet_median_ms'])} ({cell(r['quiet_p99_ms'])}) | "
+            f"{cell(r['in_flight_median_ms'])} ({cell(r['in_flight_p99_ms'])}) | {ratio} | {paired} | "
+            f"{cell(r['quiet_cpu_median_ms'])} / {cell(r['in_flight_cpu_median_ms'])} | {cell(r['save_stall_median_ms'])} ({cell(r['save_stall_max_ms'])}) |"
         )
     return "\n".join(lines)
 
@@ -125,11 +160,14 @@ def main() -> None:
         rows = [run(mode, Path(tmp), options.steps, options.save_steps) for mode in ("none", "async", "sync")]
     base = rows[0]["quiet_median_ms"]
     text = table(rows, base)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text += (f"\n\nModel {rows[0]['model_mib']:.1f} MiB, checkpoint {rows[1]['checkpoint_mib']:.1f} MiB; "
-             f"{options.steps} steps, a save every {options.save_steps}; torch threads 1. The 'vs no-save' column "
-             "compares each median with the median step of the run without saves.")
+             f"{options.steps} steps, a save every {options.save_steps}; torch threads 1; {os.cpu_count()} CPUs, "
+             f"load average {load:.1f} at the end. 'vs no-save run' compares the in-flight median with the median "
+             "step of the run without saves; 'vs preceding quiet steps' divides each in-flight step by the median "
+             "of the quiet steps just before it (robust to a machine shared with other jobs).")
     print(text)
-    write_results(options.out, "overlap", {"machine": machine(), "steps": options.steps, "save_steps": options.save_steps, "rows": rows}, text)
+    write_results(options.out, "overlap", {"machine": machine(), "load_average": load, "steps": options.steps, "save_steps": options.save_steps, "rows": rows}, text)
 
 
 if __name__ == "__main__":
