@@ -325,7 +325,7 @@ class CheckpointManager:
         skipped_reasons = []
         for path in candidates:
             plan = read_candidate(path, self.components, self.topology, verify=self.verify_on_load, strict=strict)
-            plan.refusal += mesh_refusal(plan.manifest, self.metadata.get("mesh"))
+            plan.refusal = mesh_refusal(plan.manifest, self.metadata.get("mesh")) or plan.refusal  # another mesh: the one reason
             verdicts = self._gather((plan.damage, plan.refusal, plan.too_new))
             damage = [f"rank {r}: {d}" for r, (ds, _, _) in enumerate(verdicts) for d in ds]
             refusal = [f"rank {r}: {d}" for r, (_, rs, _) in enumerate(verdicts) for d in rs]
