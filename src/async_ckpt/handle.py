@@ -75,9 +75,9 @@ class SaveHandle:
         self._released.set()
 
     def _finish(self, path: Path) -> None:
-        self._released.set()
         self._future.set_result(path)
+        self._released.set()
 
     def _fail(self, error: CheckpointSaveError) -> None:
+        self._future.set_exception(error)  # first, so a save() woken by the release already sees it
         self._released.set()
-        self._future.set_exception(error)
