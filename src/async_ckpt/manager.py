@@ -61,6 +61,9 @@ class CheckpointManager:
     in-place torch ops, never through ``.data``, NumPy, DLPack or raw storage;
     ``verify_incremental=True`` compares the skipped bytes and fails the save on a violation (a
     debug mode: it reads them all). See docs/performance.md.
+
+    ``io_nice`` (0-19): run the I/O and commit threads at a lower CPU priority, so that on a
+    machine with few cores a save in flight takes less CPU from training (saves take longer).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class CheckpointManager:
         metadata: Mapping[str, Any] | None = None,
         incremental: Sequence[str] = (),
         verify_incremental: bool = False,
+        io_nice: int = 0,
     ) -> None:
         _check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
         self.output_dir = Path(output_dir)
@@ -109,8 +113,11 @@ class CheckpointManager:
         self._pool = StagingPool(pin_memory, verify_incremental=verify_incremental)
         self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-copy")  # overlap mode
         self._pending: tuple[BackgroundSnapshot, SaveJob] | None = None  # overlap save awaiting wait_snapshot()
-        self._io = concurrent.futures.ThreadPoolExecutor(num_io_threads, thread_name_prefix="async_ckpt-io")
-        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
+        if not isinstance(io_nice, int) or not 0 <= io_nice <= 19:
+            raise CheckpointConfigError(f"io_nice must be an integer from 0 (normal) to 19 (lowest CPU priority), got {io_nice!r}")
+        nice: dict[str, Any] = {"initializer": _lower_priority, "initargs": (io_nice,)} if io_nice else {}
+        self._io = concurrent.futures.ThreadPoolExecutor(num_io_threads, thread_name_prefix="async_ckpt-io", **nice)
+        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit", **nice)
         self._ctx = SaveContext(
             rank=self.topology.rank,
             world_size=self.topology.world_size,
@@ -447,6 +454,14 @@ def _describe_component(component: StateComponent) -> dict[str, Any]:
         "group": component.group,
         "metadata": component.metadata,
     }
+
+
+def _lower_priority(nice: int) -> None:
+    """Thread initializer: give this background thread (only it, on Linux) a lower CPU priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except (AttributeError, OSError) as exc:  # not on this platform: run at normal priority
+        logger.debug("io_nice not applied: %s", exc)
 
 
 def _check_args(num_io_threads: int, compression: str | None, level: int, limit: int | None, timeout_s: float, on_busy: str) -> None:

@@ -757,3 +757,18 @@ def test_staging_dir_that_cannot_be_created_fails_the_save_instead_of_hanging(tm
         monkeypatch.undo()
         assert mgr.save(3).wait() == tmp_path / "checkpoint-3"
     assert [step for step, _ in list_committed(tmp_path)] == [1, 3]
+
+
+def test_io_nice_lowers_only_the_background_threads(tmp_path):
+
+    def nice_of_this_thread():
+        return int(open(f"/proc/self/task/{threading.get_native_id()}/stat").read().rsplit(")", 1)[1].split()[16])
+
+    model, opt = _setup()
+    with CheckpointManager(tmp_path, _components(model, opt), io_nice=7) as mgr:
+        assert mgr._io.submit(nice_of_this_thread).result() == 7
+        assert mgr._committer.submit(nice_of_this_thread).result() == 7
+        assert nice_of_this_thread() == 0
+        assert mgr.save(1).wait() == tmp_path / "checkpoint-1"
+    with pytest.raises(CheckpointConfigError, match="io_nice"):
+        CheckpointManager(tmp_path, _components(model, opt), io_nice=25)
