@@ -553,7 +553,8 @@ def test_bench_runs_a_discovered_module_with_its_arguments(capsys, tmp_path):
     assert code == 1 and "perf/ of a source checkout" in err
 
 
-def test_bench_stall_runs(capsys, monkeypatch, tmp_path):
+def test_bench_hands_its_arguments_to_the_real_stall_module(capsys, monkeypatch):
+    """``--help`` reaches perf/stall.py's own parser (running it takes a minute: the fake module above runs)."""
     monkeypatch.chdir(ROOT)
-    code, out, _ = cli(capsys, "bench", "stall", "--sizes", "1", "--repeat", "1", "--out", tmp_path)
-    assert code == 0 and "| state |" in out and (tmp_path / "stall.json").exists()
+    code, out, _ = cli(capsys, "bench", "stall", "--help")
+    assert code == 0 and out.startswith("usage: async-ckpt bench stall") and "--sizes" in out
