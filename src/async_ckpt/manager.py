@@ -7,11 +7,15 @@ runs on one commit thread and ``num_io_threads`` I/O threads per rank (see ``sav
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook (joining the pool threads) before ours
 import logging
 import os
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,9 @@ from .topology import Topology, group_places
 from .validation import validate_replication
 
 logger = logging.getLogger(__name__)
+
+_OPEN: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()  # managers not closed yet, drained at exit
+_exit_hook_registered = False
 
 
 class CheckpointManager:
@@ -135,6 +142,8 @@ class CheckpointManager:
         self._last: SaveHandle | None = None
         self._unsettled: list[SaveHandle] = []  # saves whose failure may not have been raised yet
         self._closed = False
+        self._pid = os.getpid()  # a forked child inherits this object but not its threads
+        _drain_at_exit(self)
 
     # ----------------------------------------------------------------------------------- save
 
@@ -260,37 +269,101 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------------- wait
 
-    def wait(self) -> Path | None:
+    def wait(self, timeout: float | None = None) -> Path | None:
         """Block until every save in flight has ended; return the last one's committed path.
 
         Training thread. Raises, once, the failure of any save nobody has seen fail yet.
+        ``timeout``: seconds for all of them together (default: the bounded wait, for each save);
+        ``CheckpointTimeoutError`` when one is still running then (it goes on).
         """
         self._check_open()
         self.wait_snapshot()
-        limit = self._bounded_wait_s()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for handle in list(self._unsettled):
+            limit = self._bounded_wait_s() if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 handle._future.exception(limit)
             except concurrent.futures.TimeoutError:
-                raise CheckpointTimeoutError(f"[rank {self.topology.rank} step {handle.step}] save still running after {limit:g}s (path: {handle.path})") from None
+                waited = self._bounded_wait_s() if timeout is None else timeout
+                raise CheckpointTimeoutError(f"[rank {self.topology.rank} step {handle.step}] save still running after {waited:g}s (path: {handle.path})") from None
+        limit = self._bounded_wait_s() if deadline is None else max(0.0, deadline - time.monotonic())
+        try:  # the commit thread goes idle only after retention: wait() means everything is done
+            self._committer.submit(lambda: None).result(limit)
+        except concurrent.futures.TimeoutError:
+            raise CheckpointTimeoutError(f"[rank {self.topology.rank}] retention still running after {limit:g}s") from None
         self._raise_unobserved()
         last = self._last
         return None if last is None or last.skipped or last.failed() else last.wait(0)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Drain in-flight saves and stop the background threads. Idempotent.
 
-        Raises the failure of the last save if nobody has seen it yet.
+        Training thread. Logs the saves it waits for and how each ended. Waits at most ``timeout``
+        seconds for all of them (default: the bounded wait, by when every save has ended by its
+        own timeouts; ``0``: not at all); a save still running then is left to its threads, logged
+        as not committed, and ``CheckpointTimeoutError`` is raised. Raises the failure of the last
+        save if nobody has seen it yet. Interpreter exit drains a manager nobody closed (logged).
         """
         if self._closed:
             return
+        in_flight = [h for h in self._unsettled if not h.done()]
+        if in_flight:
+            logger.info("[rank %d] closing: waiting for %d save(s) in flight: %s", self.topology.rank, len(in_flight), _steps(in_flight))
+        started = time.monotonic()
         try:
-            self.wait()
+            self.wait(timeout)
         finally:
             self._closed = True
-            self._committer.shutdown(wait=True)
-            self._io.shutdown(wait=True)
-            self._copier.shutdown(wait=True)
+            _OPEN.discard(self)
+            running = [h for h in in_flight if not h.done()]
+            if in_flight:
+                self._log_drained("closing", in_flight, time.monotonic() - started)
+            for pool in (self._committer, self._io, self._copier):
+                pool.shutdown(wait=not running)
+
+    def _log_drained(self, when: str, handles: list[SaveHandle], waited_s: float) -> None:
+        """Log how each save ``close`` or exit waited for ended: committed, failed or still running."""
+        rank = self.topology.rank
+        for handle in handles:
+            if not handle.done():
+                logger.warning(
+                    "[rank %d step %d] %s: gave up after %.2f s on the save still running: not committed (its staging "
+                    "directory is removed at the next start)", rank, handle.step, when, waited_s,
+                )
+            elif handle.failed():
+                logger.error("[rank %d step %d] %s: the save failed: %s", rank, handle.step, when, handle.exception())
+            else:
+                logger.info("[rank %d step %d] %s: committed %s after waiting %.2f s", rank, handle.step, when, handle.path, waited_s)
+
+    def _exit_drain(self) -> None:
+        """Interpreter exit, main thread, before ``concurrent.futures`` joins the pool threads.
+
+        For a manager nobody closed: wait (bounded) for the saves in flight and log each one's end,
+        so no process ends with a save cut short unnoticed. The pool threads are not daemon
+        threads: Python joins them after this anyway, however long a stuck write takes.
+        """
+        if self._closed or self._pid != os.getpid():
+            return
+        self._closed = True
+        in_flight = [h for h in self._unsettled if not h.done()]
+        unseen = [h for h in self._unsettled if h.failed() and not h.observed and h not in in_flight]
+        if in_flight:
+            logger.warning(
+                "[rank %d] exiting without CheckpointManager.close(): waiting up to %.0f s for %d save(s) in flight: %s",
+                self.topology.rank, self._bounded_wait_s(), len(in_flight), _steps(in_flight),
+            )
+            started = time.monotonic()
+            deadline = started + self._bounded_wait_s()
+            for handle in in_flight:
+                try:
+                    handle._future.exception(max(0.0, deadline - time.monotonic()))
+                except concurrent.futures.TimeoutError:
+                    break
+            self._log_drained("at exit", in_flight + unseen, time.monotonic() - started)
+        elif unseen:
+            self._log_drained("at exit", unseen, 0.0)
+        for pool in (self._committer, self._io, self._copier):
+            pool.shutdown(wait=False)
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -304,7 +377,26 @@ class CheckpointManager:
         except CheckpointError as error:  # do not hide the exception that is already unwinding
             logger.error("while closing after %s: %s", exc_type.__name__, error)
 
+    @property
+    def coordination_group(self) -> Any:
+        """The gloo group over the manager's ranks that only training threads use; None in one process.
+
+        A trainer may run its own small collectives on it from the training thread, in the same
+        order on every rank (``trainer/control.py`` agrees there on when to stop).
+        """
+        return self._coord
+
     # ----------------------------------------------------------------------------------- load
+
+    def protect(self, step: int, keep: bool = True) -> None:
+        """Spare committed ``checkpoint-<step>`` from retention (e.g. the best one so far).
+
+        Training thread; only rank 0's set matters. Protected checkpoints count toward
+        ``save_total_limit``. ``keep=False`` lifts the protection.
+        """
+        steps = set(self._ctx.protected)
+        steps.add(int(step)) if keep else steps.discard(int(step))
+        self._ctx.protected = frozenset(steps)  # replaced, never mutated: the commit thread reads it
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint directory (by step), without verifying it."""
@@ -324,8 +416,9 @@ class CheckpointManager:
         explicit = checkpoint is not None
         if explicit:
             path = Path(checkpoint)  # type: ignore[arg-type]
-            if not path.is_dir():
-                raise CheckpointNotFoundError(f"[rank {self.topology.rank}] no checkpoint at {path}")
+            unseen = [r for r, seen in enumerate(self._gather(path.is_dir())) if not seen]
+            if unseen:  # every rank raises, so none is left waiting in a collective
+                raise CheckpointNotFoundError(f"no checkpoint at {path} (not visible to rank(s) {', '.join(map(str, unseen))})")
             candidates = [path]
         else:
             candidates = self._broadcast([p for _, p in reversed(list_committed(self.output_dir))])
@@ -345,7 +438,14 @@ class CheckpointManager:
                 continue
             if refusal:
                 raise CheckpointLoadError(f"Cannot load {path} into this job: " + "; ".join(refusal))
-            result = apply_states(plan, self.components, path, self.topology.rank)
+            try:
+                result, failure = apply_states(plan, self.components, path, self.topology.rank), ""
+            except CheckpointLoadError as exc:
+                result, failure = None, str(exc)
+            failures = [f for f in self._gather(failure) if f]
+            if failures:  # the same error on every rank; state already restored stays restored
+                raise CheckpointLoadError("; ".join(failures))
+            assert result is not None
             logger.info("[rank %d step %d] loaded %s: loaded=%s skipped=%s", self.topology.rank, result.step, path, result.loaded, result.skipped)
             return result
         if skipped_reasons:
@@ -409,6 +509,36 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager for {self.output_dir} is closed")
+
+
+def _drain_at_exit(manager: CheckpointManager) -> None:
+    """Have interpreter exit drain ``manager`` unless it is closed first (one hook for all).
+
+    ``threading._register_atexit`` runs hooks before the pool threads are joined (``atexit`` runs
+    them after): only there can the wait be bounded and logged. Holds managers weakly.
+    """
+    global _exit_hook_registered
+    _OPEN.add(manager)
+    if _exit_hook_registered:
+        return
+    register = getattr(threading, "_register_atexit", atexit.register)
+    try:
+        register(_drain_open_managers)
+    except RuntimeError:  # the interpreter is already shutting down
+        return
+    _exit_hook_registered = True
+
+
+def _drain_open_managers() -> None:
+    for manager in list(_OPEN):
+        try:
+            manager._exit_drain()
+        except Exception:  # an exit hook must not stop the others
+            logger.exception("draining a CheckpointManager at exit failed")
+
+
+def _steps(handles: Sequence[SaveHandle]) -> str:
+    return ", ".join(f"step {h.step}" for h in handles)
 
 
 def _run_after_snapshot(ctx: SaveContext, job: SaveJob, background: BackgroundSnapshot) -> None:

@@ -68,6 +68,7 @@ class SaveContext:
     timeout_s: float
     save_total_limit: int | None
     components: list[dict[str, Any]]  # key, sharing_pattern, required, file_format, group, metadata
+    protected: frozenset[int] = frozenset()  # steps retention must not delete (CheckpointManager.protect)
     metadata: dict[str, Any] = field(default_factory=dict)  # the manifest's metadata (mesh record, user keys)
 
 
@@ -208,8 +209,8 @@ def _publish(ctx: SaveContext, job: SaveJob, reports: list[Report], waited_s: fl
         return Outcome(ok=False, error=describe(f"commit failed: {type(exc).__name__}: {exc}", rank=0, step=job.step, phase="commit", path=job.staging))
     total = sum(f.size for f in files.values())
     logger.info(
-        "[rank 0 step %d] committed %s: %d files, %.1f MiB, stall %.1f ms, persist %.2f s",
-        job.step, job.final, len(files), total / 2**20, 1000 * job.timings.get("stall_s", 0.0), reports[0].timings.get("persist_s", 0.0),
+        "[rank 0 step %d] committed %s: %d files, %d bytes, stall %.1f ms, persist %.2f s",
+        job.step, job.final, len(files), total, 1000 * job.timings.get("stall_s", 0.0), reports[0].timings.get("persist_s", 0.0),
     )
     return Outcome(ok=True, path=str(job.final))
 
@@ -219,6 +220,6 @@ def _retain(ctx: SaveContext, job: SaveJob) -> None:
         return
     try:
         faults.hit("before_retention", 0)
-        apply_retention(ctx.output_dir, ctx.save_total_limit)
+        apply_retention(ctx.output_dir, ctx.save_total_limit, ctx.protected)
     except Exception as exc:  # retention failing never fails the save that committed
         logger.error("[rank 0 step %d] retention failed: %s: %s", job.step, type(exc).__name__, exc)

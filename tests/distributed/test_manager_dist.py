@@ -238,3 +238,34 @@ def _skip_when_busy(rank: int, world: int, out: str) -> list:
 
 def test_on_busy_skip_is_agreed_by_every_rank(tmp_path: Path) -> None:
     assert run_ranks(_skip_when_busy, 2, str(tmp_path / "run")) == [[False, True], [False, True]]
+
+
+class _Picky(Box):
+    """Loads everywhere but on rank 1."""
+
+    def load_state_dict(self, state: dict) -> None:
+        if dist.get_rank() == 1:
+            raise ValueError("rank 1 refuses this state")
+        super().load_state_dict(state)
+
+
+def _load_agreement(rank: int, world: int, out: str) -> list:
+    comps = [StateComponent("model", torch.nn.Linear(4, 4), required=True), StateComponent("picky", _Picky(w=torch.zeros(2)))]
+    messages = []
+    with CheckpointManager(out, comps) as mgr:
+        mgr.save(1).wait()
+        for target in (None, out + "/checkpoint-1" if rank == 0 else out + "/checkpoint-404"):
+            try:
+                mgr.load(target)
+                messages.append("loaded")
+            except Exception as exc:
+                messages.append(f"{type(exc).__name__}: {exc}")
+    return messages
+
+
+def test_load_failures_on_one_rank_raise_on_every_rank(tmp_path: Path) -> None:
+    results = run_ranks(_load_agreement, 2, str(tmp_path / "run"))
+    assert results[0][0] == results[1][0], results
+    assert results[0][0].startswith("CheckpointLoadError: [rank 1 step 1 component 'picky'] load_state_dict failed: ValueError: rank 1 refuses")
+    for rank in (0, 1):  # each rank was given its own path; every rank raises, naming the rank that could not see it
+        assert results[rank][1].startswith("CheckpointNotFoundError: no checkpoint at") and "not visible to rank(s) 1" in results[rank][1]

@@ -772,3 +772,18 @@ def test_io_nice_lowers_only_the_background_threads(tmp_path):
         assert mgr.save(1).wait() == tmp_path / "checkpoint-1"
     with pytest.raises(CheckpointConfigError, match="io_nice"):
         CheckpointManager(tmp_path, _components(model, opt), io_nice=25)
+
+
+def test_protected_checkpoint_survives_retention(tmp_path):
+    model, opt = _setup()
+    with CheckpointManager(tmp_path, _components(model, opt), save_total_limit=2) as mgr:
+        mgr.save(1).wait()
+        mgr.protect(1)  # say step 1 had the best eval loss
+        for step in (2, 3, 4):
+            mgr.save(step)
+        mgr.wait()  # retention included
+        assert [s for s, _ in list_committed(tmp_path)] == [1, 4]
+        mgr.protect(1, keep=False)
+        mgr.save(5)
+        mgr.wait()
+        assert [s for s, _ in list_committed(tmp_path)] == [4, 5]
