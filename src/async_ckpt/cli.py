@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .export import export_model
 from .layout import MANIFEST_NAME, checkpoint_dirname, list_committed, list_leftovers, parse_step
 from .manifest import Manifest, check_files, read_manifest
 from .retention import delete_checkpoint, select_for_deletion
@@ -373,98 +374,12 @@ def _last_touched(path: Path) -> float:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import safetensors.torch
-
-    manifest = read_manifest(args.checkpoint)
-    entry = manifest.components.get(args.component)
-    if entry is None or not entry.files:
-        raise CliError(f"{args.checkpoint} has no component '{args.component}' (components: {', '.join(manifest.components) or 'none'})")
-    out = args.out if args.out.suffix == ".safetensors" else args.out / "model.safetensors"
-    if out.exists() and not args.force:
-        raise CliError(f"{out} exists; pass --force to overwrite it")
-    merged, sources = merge_files(args.checkpoint, manifest, args.component)
-    if not merged:
-        raise CliError(f"component '{args.component}' of {args.checkpoint} holds no tensors at its top level: nothing to export")
-    tensors, aliases = _untie(merged)
-    metadata = {"format": "pt"}
-    if args.duplicate_tied:
-        tensors.update({alias: tensors[kept].clone() for alias, kept in aliases.items()})
-    else:
-        metadata.update(aliases)  # {dropped name: kept name}, as safetensors.torch.save_model writes
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    size = out.stat().st_size
+    result = export_model(args.checkpoint, args.out, component=args.component, duplicate_tied=args.duplicate_tied, force=args.force)
+    count, aliases = result.tensors, result.aliases
     tied = f"; {len(aliases)} tied name(s) " + ("duplicated" if args.duplicate_tied else "stored once, aliases in the metadata") if aliases else ""
-    print(f"wrote {out}: {len(tensors)} tensor{'s' if len(tensors) != 1 else ''}, {_human(size)}, from {len(sources)} file(s) of step {manifest.step}{tied}")
+    print(f"wrote {result.path}: {count} tensor{'s' if count != 1 else ''}, {_human(result.path.stat().st_size)}, "
+          f"from {len(result.sources)} file(s) of step {result.step}{tied}")
     return 0
-
-
-def merge_files(path: Path, manifest: Manifest, component: str) -> tuple[dict[str, Any], list[str]]:
-    """One flat ``{name: tensor}`` from every file of ``component`` (e.g. one per pipeline stage).
-
-    Each file is read through ``storage.read_file``, so its size and xxh3 are checked and zstd is
-    decompressed. Names must be unique across files; a name in two files is accepted only when
-    both hold the same tensor (replicas), and refused otherwise.
-    """
-    import torch
-
-    from .serialization import read_safetensors, read_torch
-
-    merged: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    names = sorted(manifest.files_of(component), key=lambda n: (manifest.files[n].rank, n))
-    for name in names:
-        info = manifest.files[name]
-        file = path / name
-        if not file.exists():
-            raise CliError(f"{file} is listed in the manifest but missing; cannot export '{component}' without it")
-        data = read_file(file, size=info.size, xxh3=info.xxh3, codec=info.codec)
-        state = read_safetensors(data, path=file) if ".safetensors" in name else read_torch(data, path=file)
-        if not isinstance(state, dict):
-            raise CliError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
-        for key, value in sorted(state.items(), key=lambda kv: str(kv[0])):  # safetensors' order varies
-            if not isinstance(value, torch.Tensor):
-                logger.warning("export: skipping %r of %s: a %s, not a tensor", key, name, type(value).__name__)
-                continue
-            key = str(key)
-            if key in merged:
-                other = merged[key]
-                if other.dtype != value.dtype or other.shape != value.shape or not torch.equal(other, value):
-                    raise CliError(f"'{key}' is in both {origin[key]} and {name} with different values: export merges stages "
-                                   "whose names are unique (full module paths) and identical replicas, not stages named "
-                                   "relative to themselves or tensor-parallel shards")
-                continue
-            merged[key], origin[key] = value, name
-    return merged, names
-
-
-def _untie(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Keep the first name of each tied tensor; return ``(tensors, {alias: kept name})``.
-
-    Tensors that only partly share memory with another one are cloned, since a safetensors file
-    cannot hold overlapping tensors.
-    """
-    import torch
-
-    from .serialization import split_aliases
-
-    stored, aliases = split_aliases(state)
-    users: dict[int, int] = {}  # storage address -> tensors kept that live in it
-    for tensor in stored.values():
-        if tensor.numel():
-            users[tensor.untyped_storage().data_ptr()] = users.get(tensor.untyped_storage().data_ptr(), 0) + 1
-    out = {}
-    for name, tensor in stored.items():
-        alone = not tensor.numel() or (
-            users[tensor.untyped_storage().data_ptr()] == 1 and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()
-        )
-        out[name] = tensor.contiguous() if alone else tensor.clone(memory_format=torch.contiguous_format)
-    return out, aliases
 
 
 # -------------------------------------------------------------------------------------- bench
