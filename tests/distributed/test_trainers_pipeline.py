@@ -97,3 +97,18 @@ def test_resuming_with_another_world_size_is_refused(two_stage_runs: tuple[Path,
     (outcome,) = run_ranks_expect(_resume_with_one_rank, 1, str(out / "gpipe" / "run"), timeout=60)
     assert outcome[0] == "error" and outcome[1] == "CheckpointLoadError", outcome
     assert "saved with world size 2, this job has 1" in outcome[2] and "resume with 2 ranks" in outcome[2]
+
+
+def test_stage_files_use_full_model_names_and_export_into_the_unsplit_model(two_stage_runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from async_ckpt.export import export_model
+
+    out, _ = two_stage_runs
+    checkpoint = out / "gpipe" / "run" / f"checkpoint-{TOTAL}"
+    exported = export_model(checkpoint, tmp_path / "export")
+    state = load_file(str(exported.path))
+    full = new_model(0)
+    assert sorted(state) == sorted(full.state_dict()), "stage files must be keyed by the full model's names"
+    full.load_state_dict(state, strict=True)
+    assert exported.sources == ["model_state_rank_0.safetensors", "model_state_rank_1.safetensors"]

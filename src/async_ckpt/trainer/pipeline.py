@@ -4,7 +4,8 @@
 ``PipelineStage`` under a GPipe or 1F1B schedule of ``n_microbatches`` microbatches. The loss is
 computed on the last stage with ``loss_fn(output, labels)``.
 
-Checkpoint: model and optimizer PER_RANK (``model_state_rank_N.safetensors``,
+Checkpoint: model and optimizer PER_RANK (``model_state_rank_N.safetensors``, keyed by the
+names in the full model, so ``async-ckpt export`` merges the stages into one loadable file;
 ``optimizer_state_rank_N.pt``), scheduler and trainer progress REPLICATED (rank 0 writes),
 dataset GLOBAL (rank 0 reads the data and broadcasts each batch), RNG PER_RANK. A checkpoint
 resumes only with the same world size and the same split: another world size is refused by the
@@ -25,11 +26,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from .. import SharingPattern, ValidationLevel
+from .. import SharingPattern, StateComponent, ValidationLevel
 from .args import TrainingArguments
 from .base import BaseTrainer
 from .data import batch_rows, to_device
 from .ddp import init_distributed
+from .stage_names import FullNames, full_names
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class PipelineTrainer(BaseTrainer):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
             torch.cuda.set_device(device)
         stage_module = parts[self.rank].to(device)
+        self._full_names = full_names(model, stage_module)
         self.stage = PipelineStage(stage_module, self.rank, self.world_size, device)
         schedule = _SCHEDULES[self.args.pipeline_schedule]
         self.schedule = schedule(self.stage, n_microbatches=self.args.n_microbatches, loss_fn=self.loss_fn)
@@ -133,6 +136,11 @@ class PipelineTrainer(BaseTrainer):
 
     def _sharing(self, key: str) -> tuple[SharingPattern, ValidationLevel]:
         return _SHARING.get(key, SharingPattern.PER_RANK), ValidationLevel.NONE
+
+    def _component(self, key: str, stateful: Any, **kwargs: Any) -> StateComponent:
+        if key == "model":  # saved under full-model names, so the stages' files merge into one model
+            stateful = FullNames(stateful, self._full_names)
+        return super()._component(key, stateful, **kwargs)
 
     def _fetch_batch(self) -> Any:
         """Rank 0 reads the next batch and broadcasts it to every stage; None (for all) at epoch end."""
