@@ -20,10 +20,13 @@ commit = published - collected (manifest + fsync + rename), total = published - 
 fan-out = all seen - published, clean-up = forgotten - published. Medians over ``--repeat`` saves. Threads share one GIL, so the
 numbers are an upper bound for the Python side and a lower bound for network latency.
 
-``--rank0 1000,10000`` also times rank 0's share alone at sizes threads cannot reach: N reports
-(``--files-per-rank`` files each) are put in the store up front, then rank 0 collects them,
-writes the manifest and publishes (``saving._publish``, the production code), and deletes the
-keys. Polling delay is not in it (every report is already in).
+``--rank0 1000,10000`` also times rank 0's share alone at sizes threads cannot reach: while
+rank 0 waits in ``collect``, one other client hands in N reports (``--files-per-rank`` files
+each) as fast as it can, standing in for N ranks finishing together; rank 0 then writes the
+manifest and publishes (``saving._publish``, the production code) and deletes the keys.
+detect = collect returned - last report stored; total = published - last report stored.
+``--rtt-us 100`` delays each of rank 0's store calls by that much, as a store on another host
+would (loopback is ~20 us); the table counts rank 0's store calls.
 """
 
 from __future__ import annotations
@@ -141,16 +144,45 @@ def run(world: int, repeat: int, port: int, root: Path) -> dict[str, Any]:
     return {"world": world, **{k: median(v) for k, v in rows.items()}}
 
 
-def rank0_cost(world: int, files_per_rank: int, port: int, root: Path) -> dict[str, Any]:
-    """Rank 0's work for one save of ``world`` ranks whose reports are all in (one client)."""
-    client = dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=120))
-    store = dist.PrefixStore(f"rank0-n{world}/", client)
+class RemoteStore:
+    """Rank 0's view of a store on another host: every call waits ``rtt_s`` first, and is counted."""
+
+    def __init__(self, store: Any, rtt_s: float) -> None:
+        self._store, self._rtt_s, self.calls = store, rtt_s, 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        def call(*args: Any) -> Any:
+            self.calls += 1
+            if self._rtt_s:
+                deadline = time.perf_counter() + self._rtt_s
+                while time.perf_counter() < deadline:  # sleep() is too coarse for 100 us
+                    pass
+            return method(*args)
+
+        return call
+
+
+def rank0_cost(world: int, files_per_rank: int, port: int, root: Path, rtt_s: float = 0.0) -> dict[str, Any]:
+    """Rank 0's work for one save of ``world`` ranks that all report at once (see the module doc)."""
+    prefix = f"rank0-n{world}/"
+    store = RemoteStore(dist.PrefixStore(prefix, dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=120))), rtt_s)
+    others = dist.PrefixStore(prefix, dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=120)))
     described = [{"key": f"c{i}", "sharing_pattern": "per_rank", "required": False, "file_format": "torch", "group": None, "metadata": {}} for i in range(files_per_rank)]
+    reports = []
     for rank in range(world):
         files = {f"c{i}_state_rank_{rank}.pt": {"size": 123456, "xxh3": "0123456789abcdef", "codec": None, "rank": rank, "component": f"c{i}", "slot": f"rank:{rank}"}
                  for i in range(files_per_rank)}
-        timings = {"stall_s": 0.01, "snapshot_s": 0.01, "persist_s": 0.5}
-        CommitChannel(store, rank, world).report(0, Report(rank=rank, ok=True, files=files, timings=timings))
+        reports.append(Report(rank=rank, ok=True, files=files, timings={"stall_s": 0.01, "snapshot_s": 0.01, "persist_s": 0.5}))
+    last: dict[str, float] = {}
+
+    def hand_in() -> None:
+        time.sleep(0.05)  # rank 0 is waiting by then
+        for rank, report in enumerate(reports):
+            CommitChannel(others, rank, world).report(0, report)
+        last["report"] = time.perf_counter()
+
     channel = CommitChannel(store, 0, world)
     out = root / f"rank0-n{world}"
     staging, final = out / ".checkpoint-0.staging-perf", out / "checkpoint-0"
@@ -158,24 +190,30 @@ def rank0_cost(world: int, files_per_rank: int, port: int, root: Path) -> dict[s
     ctx = SaveContext(rank=0, world_size=world, output_dir=out, channel=channel, io_pool=None, codec=None, level=1,  # type: ignore[arg-type]
                       timeout_s=60.0, save_total_limit=None, components=described)
     job = SaveJob(seq=0, step=0, handle=SaveHandle(0, final), staging=staging, final=final, tasks=[])
-    started = time.perf_counter()
-    reports = channel.collect(0, 60.0)
+    filler = threading.Thread(target=hand_in)
+    filler.start()
+    reports = channel.collect(0, 120.0)
     collected = time.perf_counter()
+    calls = store.calls
+    filler.join()
+    started = last["report"]
     outcome = _publish(ctx, job, reports, collected - started)
     assert outcome.ok, outcome.error
     channel.publish(0, outcome)
     published = time.perf_counter()
     channel._forget(0)
     forgotten = time.perf_counter()
-    return {"world": world, "files": world * files_per_rank, "collect_s": collected - started, "manifest_publish_s": published - collected,
-            "total_s": published - started, "cleanup_s": forgotten - published, "manifest_bytes": (final / "checkpoint_manifest.json").stat().st_size}
+    return {"world": world, "files": world * files_per_rank, "detect_s": collected - started, "manifest_publish_s": published - collected,
+            "total_s": published - started, "cleanup_s": forgotten - published, "manifest_bytes": (final / "checkpoint_manifest.json").stat().st_size,
+            "collect_store_calls": calls, "rtt_us": 1e6 * rtt_s}
 
 
 def rank0_table(rows: list[dict[str, Any]]) -> str:
     ms = lambda s: f"{1000 * s:.1f}"  # noqa: E731
-    lines = ["| ranks | files | collect all reports (ms) | manifest + publish (ms) | total (ms) | key clean-up (ms) | manifest size |", "|---|---|---|---|---|---|---|"]
+    lines = ["| ranks | added RTT (us) | rank 0 store calls in collect | detect: last report -> all read (ms) | manifest + publish (ms) | total: last report -> published (ms) | key clean-up (ms) | manifest size |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['world']} | {r['files']} | {ms(r['collect_s'])} | {ms(r['manifest_publish_s'])} | {ms(r['total_s'])} | {ms(r['cleanup_s'])} | {r['manifest_bytes'] / 2**20:.1f} MiB |")
+        lines.append(f"| {r['world']} | {r['rtt_us']:.0f} | {r['collect_store_calls']} | {ms(r['detect_s'])} | {ms(r['manifest_publish_s'])} | {ms(r['total_s'])} | {ms(r['cleanup_s'])} | {r['manifest_bytes'] / 2**20:.1f} MiB |")
     return "\n".join(lines)
 
 
@@ -183,6 +221,8 @@ def fit(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
     """Least squares ``a + b * world`` over the rows."""
     xs, ys = [r["world"] for r in rows], [r[key] for r in rows]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    if len(set(xs)) < 2:
+        return my, 0.0
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - b * mx, b
 
@@ -200,6 +240,30 @@ def table(rows: list[dict[str, Any]], rtt: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def plot(path: Path, rows: list[dict[str, Any]], rank0_rows: list[dict[str, Any]]) -> None:
+    """Time from the last report to the published checkpoint against world size (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([r["world"] for r in rows], [1000 * r["total_s"] for r in rows], "o-", label="threads: last report -> published")
+    ax.plot([r["world"] for r in rows], [1000 * r["fanout_s"] for r in rows], "s--", label="threads: published -> all ranks know")
+    for rtt in sorted({r["rtt_us"] for r in rank0_rows}):
+        mine = [r for r in rank0_rows if r["rtt_us"] == rtt]
+        ax.plot([r["world"] for r in mine], [1000 * r["total_s"] for r in mine], "^-", label=f"rank 0 alone (+{rtt:.0f} us RTT): last report -> published")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("ms")
+    ax.set_title("Commit cost against world size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="2,4,8,16,32,64", help="simulated world sizes, comma separated")
@@ -208,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="commit_cost", help="results file stem")
     parser.add_argument("--rank0", default="", help="world sizes for the rank-0-only measurement, e.g. 1000,10000")
     parser.add_argument("--files-per-rank", type=int, default=3, help="files each rank reports in the rank-0-only measurement")
+    parser.add_argument("--rtt-us", default="0", help="round-trip times added to rank 0's store calls in the rank-0-only measurement, comma separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -217,15 +282,20 @@ def main(argv: list[str] | None = None) -> None:
         for world in [int(n) for n in args.ranks.split(",")]:
             rows.append(run(world, args.repeat, server.port, Path(tmp)))
             print(f"{world:>5} ranks: total {1000 * rows[-1]['total_s']:.1f} ms", flush=True)
-        rank0_rows = [rank0_cost(int(n), args.files_per_rank, server.port, Path(tmp)) for n in args.rank0.split(",") if n]
+        rank0_rows = [rank0_cost(int(n), args.files_per_rank, server.port, Path(tmp) / f"rtt{rtt}", float(rtt) * 1e-6)
+                      for rtt in args.rtt_us.split(",") for n in args.rank0.split(",") if n]
     rtt = store_round_trip_us(server.port)
     text = table(rows, rtt)
     if rank0_rows:
-        text += "\n\nRank 0 alone, every report already in the store:\n\n" + rank0_table(rank0_rows)
+        text += "\n\nRank 0 alone, N reports handed in back to back by one other client:\n\n" + rank0_table(rank0_rows)
     print(text)
     a, b = fit(rows, "total_s")
     write_results(args.out, args.name, {"machine": machine(), "repeat": args.repeat, "rows": rows, "rank0_rows": rank0_rows, "store_rtt_us": rtt,
                                         "fit_total_s": {"intercept": a, "per_rank": b, "at_10000": a + b * 10_000}}, text)
+    try:
+        plot(args.out / f"{args.name}.png", rows, rank0_rows)
+    except ImportError:  # matplotlib is a dev extra
+        pass
 
 
 if __name__ == "__main__":

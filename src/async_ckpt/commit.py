@@ -77,10 +77,12 @@ class CommitChannel:
         """Every rank: hand in this rank's report for save ``seq``. Does not block on other ranks.
 
         The counter is bumped after the report is stored, so a full count means every report can
-        be read.
+        be read. Then this rank deletes its report of the save before, which rank 0 read before it
+        published that save's outcome (every rank reports ``seq`` only after that outcome).
         """
         self._store.set(f"{seq}/report/{self.rank}", json.dumps(asdict(report)))
         self._store.add(f"{seq}/reported", 1)
+        self._delete([f"{seq - 1}/report/{self.rank}"] if seq > 0 else [])
 
     def collect(self, seq: int, timeout_s: float) -> list[Report]:
         """Rank 0: wait until every rank has reported ``seq`` or ``timeout_s`` passes.
@@ -98,10 +100,11 @@ class CommitChannel:
         return [Report(**json.loads(v)) for v in values]
 
     def publish(self, seq: int, outcome: Outcome) -> None:
-        """Rank 0: publish the outcome of ``seq`` and forget the keys of the save before it.
+        """Rank 0: publish the outcome of ``seq`` and forget the outcome and counter of ``seq - 1``.
 
         Every rank reports ``seq`` only after it has read the outcome of ``seq - 1``, so once all
-        reports of ``seq`` are in, nobody reads ``seq - 1``'s keys again.
+        reports of ``seq`` are in, nobody reads ``seq - 1``'s keys again. (Each rank deletes its
+        own old report in ``report``, so this costs two deletes whatever the world size.)
         """
         self._store.set(f"{seq}/outcome", json.dumps(asdict(outcome)))
         self._forget(seq - 1)
@@ -139,9 +142,11 @@ class CommitChannel:
             delay = min(delay * 2, _COUNT_POLL_MAX_S)
 
     def _forget(self, seq: int) -> None:
-        if seq < 0:
-            return
-        for key in [f"{seq}/outcome", f"{seq}/reported"] + [f"{seq}/report/{r}" for r in range(self.world_size)]:
+        if seq >= 0:
+            self._delete([f"{seq}/outcome", f"{seq}/reported"])
+
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
             try:
                 self._store.delete_key(key)
             except Exception:  # some stores cannot delete; the keys are small

@@ -212,3 +212,19 @@ def test_publish_forgets_the_counter_too():
         chans[0].collect(seq, timeout_s=5)
         chans[0].publish(seq, Outcome(ok=True, path=f"p{seq}"))
     assert not store.check(["0/reported"]) and store.check(["1/reported"])
+
+
+@pytest.mark.timeout(60)
+def test_each_rank_deletes_its_own_previous_report_and_rank0_only_two_keys():
+    store = CountingStore()
+    world = 16
+    chans = [CommitChannel(store, rank, world) for rank in range(world)]
+    for seq in (0, 1):
+        for rank in range(world):
+            chans[rank].report(seq, _report(rank))
+            assert not store.check([f"{seq - 1}/report/{rank}"])  # gone as soon as the rank reports again
+        chans[0].collect(seq, timeout_s=5)
+        before = store.calls.get("delete_key", 0)
+        chans[0].publish(seq, Outcome(ok=True, path=f"p{seq}"))
+        assert store.calls.get("delete_key", 0) - before == (2 if seq else 0)
+    assert all(store.check([f"1/report/{rank}"]) for rank in range(world))  # the last save's reports stay
