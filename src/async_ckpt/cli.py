@@ -5,6 +5,7 @@ them takes part in a training job. ``list``, ``inspect`` and ``verify`` only rea
 renames and deletes the way the manager's start-up cleanup and retention do; ``export`` writes
 one new file. Exit codes: 0 success; 1 a damaged checkpoint or an expected error (one message on
 stderr, no traceback); 2 bad usage (argparse); 130 interrupted.
+``ctl`` leaves a request for a running trainer in its output directory (docs/stopping.md).
 """
 
 from __future__ import annotations
@@ -110,6 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to the benchmark")
     p.add_argument("--perf-dir", type=Path, default=None, help="where the benchmarks are (default: ./perf, else the source checkout's)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ctl", help="ask a running trainer to save now, save and stop, or stop",
+                       description="Write DIR/async_ckpt.control. Rank 0 of the trainer whose output_dir is DIR takes it "
+                       "at a step boundary (every control_poll_s seconds) and every rank acts on it at the same step.")
+    p.add_argument("dir", type=Path, help="the run directory (TrainingArguments.output_dir)")
+    p.add_argument("command", choices=["save", "save-and-stop", "stop"], help="what the trainer should do")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS", help="wait until the trainer has taken the request (exit code 1 if not)")
+    p.set_defaults(func=cmd_ctl)
     return parser
 
 
@@ -431,6 +440,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         sys.argv = saved_argv
         sys.path.remove(str(perf_dir.parent))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- ctl
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from .trainer.control import write_command  # the trainer layer, imported by this command only
+
+    if not args.dir.is_dir():
+        raise CliError(f"{args.dir} is not a directory: give the trainer's output_dir")
+    path = write_command(args.dir, args.command)
+    print(f"requested {args.command}: {path} (rank 0 takes it at the next step boundary)")
+    if args.wait is None:
+        return 0
+    deadline = time.monotonic() + args.wait
+    while path.exists():
+        if time.monotonic() > deadline:
+            raise CliError(f"{path} not taken after {args.wait:g} s: is a trainer running with output_dir={args.dir}?")
+        time.sleep(0.05)
+    print("taken")
     return 0
 
 

@@ -12,7 +12,8 @@
 
 from .args import TrainingArguments
 from .base import BaseTrainer
+from .signals import TrainingInterrupted
 from .state import TrainerState, TrainOutput
 from .trainer import Trainer
 
-__all__ = ["BaseTrainer", "TrainOutput", "Trainer", "TrainerState", "TrainingArguments"]
+__all__ = ["BaseTrainer", "TrainOutput", "Trainer", "TrainerState", "TrainingArguments", "TrainingInterrupted"]

@@ -44,6 +44,11 @@ class TrainingArguments:
     save_on_busy: str = "block"  # a save while the previous one is in flight: "block" | "skip"
     save_timeout_s: float = 600.0  # a save that has not committed after this long fails
     verify_on_load: bool = True  # check every file's xxh3 before resuming from it
+    handle_signals: bool = True  # SIGINT/SIGTERM stop training at the next step boundary on every rank (docs/stopping.md)
+    save_on_interrupt: bool | None = None  # save the step a signal stopped at: None: on SIGTERM only; True: SIGINT too; False: never
+    interrupt_grace_s: float | None = None  # seconds from a signal to the kill (the scheduler's notice): a final save that would not fit is skipped; None: no limit
+    exit_on_interrupt: bool = True  # after a signal stop, train() raises TrainingInterrupted (exit status 130/143); False: it returns
+    control_poll_s: float | None = 1.0  # rank 0 looks for <output_dir>/async_ckpt.control this often; 0: every step; None: never
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -73,7 +78,13 @@ class TrainingArguments:
             out.append(f"save_steps must be a positive integer with save_strategy='steps', got {self.save_steps!r}")
         if self.save_total_limit is not None and (not _is_int(self.save_total_limit) or self.save_total_limit < 1):
             out.append(f"save_total_limit must be None (keep all) or at least 1, got {self.save_total_limit!r}")
-        out += _bools(self, "save_safetensors", "async_save", "verify_on_load", "dataloader_drop_last")
+        out += _bools(self, "save_safetensors", "async_save", "verify_on_load", "dataloader_drop_last", "handle_signals", "exit_on_interrupt")
+        if not isinstance(self.save_on_interrupt, (bool, type(None))):
+            out.append(f"save_on_interrupt must be None (save on SIGTERM only), True or False; got {self.save_on_interrupt!r}")
+        for name in ("interrupt_grace_s", "control_poll_s"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                out.append(f"{name} must be None or a number of seconds >= 0, got {value!r}")
         resume = self.resume_from_checkpoint
         if not isinstance(resume, (bool, str, os.PathLike)) or (not isinstance(resume, bool) and not os.fspath(resume)):
             out.append(

@@ -4,6 +4,7 @@ One plain loop on the training thread::
 
     train():  seed -> CheckpointManager(get_state_components()) -> resume -> loop -> final save -> close
     loop:     batch (crossing epoch ends) -> training_step -> global_step += 1 -> log -> maybe save
+              -> step boundary: every rank agrees on signals and the control file (control.py)
 
 Saves return as soon as the state is staged; the files are written in the background while the
 next steps run. A save that fails is logged and training goes on (the next save retries); a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -26,8 +28,10 @@ import torch
 from .. import CheckpointManager, SharingPattern, StateComponent, ValidationLevel, rng_component
 from .args import TrainingArguments
 from .checkpointing import TrainerCheckpoints
+from .control import Decision, StepBoundary
 from .data import EpochIterator, batch_rows, build_dataloader, is_stateful, to_device
 from .optim import default_optimizer, default_scheduler
+from .signals import SignalWatcher, TrainingInterrupted, exit_at_shutdown, exit_code
 from .state import TrainerState, TrainOutput
 
 logger = logging.getLogger(__name__)
@@ -40,7 +44,8 @@ class BaseTrainer:
     is collective across ranks in the distributed trainers. Attributes a subclass or a user may
     read: ``args``, ``model`` (unwrapped), ``train_model`` (what runs the forward),
     ``optimizer``, ``lr_scheduler``, ``train_dataloader``, ``state``, ``history``,
-    ``step_stats`` and ``save_stalls`` (timings), ``checkpoint_manager`` (during ``train()``).
+    ``step_stats`` and ``save_stalls`` (timings), ``checkpoint_manager`` (during ``train()``),
+    ``exit_code`` (after ``train()``: 0, or 130 / 143 when a signal stopped it).
     """
 
     args_class: type[TrainingArguments] = TrainingArguments
@@ -66,6 +71,7 @@ class BaseTrainer:
         self.save_stalls: list[tuple[int, float]] = []  # (step, seconds save() blocked training), last train()
         self.checkpoint_manager: CheckpointManager | None = None  # set during train()
         self._stop = False
+        self.exit_code = 0
         self.model, self.train_model = self._prepare_model(model)
         self.device = next(iter(self.model.parameters()), torch.empty(0)).device
         self.train_dataloader = train_dataloader if train_dataloader is not None else self._default_dataloader()
@@ -183,17 +189,31 @@ class BaseTrainer:
     def train(self) -> TrainOutput:
         """Resume (per ``args.resume_from_checkpoint``), train, save a final checkpoint, drain saves.
 
-        Training thread, every rank. Returns once the final checkpoint has committed. Raises
-        ``ReplicationValidationError`` at once; raises ``CheckpointSaveError`` only if the final
-        save fails (earlier failed saves are logged and retried by the next save).
+        Training thread (the main thread, where SIGINT/SIGTERM can be handled), every rank.
+        Returns once the final checkpoint has committed. Raises ``ReplicationValidationError`` at
+        once; raises ``CheckpointSaveError`` only if the final save fails (earlier failed saves are
+        logged and retried by the next save). A signal or the control file stops training at a
+        step boundary on every rank together (docs/stopping.md); after a signal, once the saves
+        have ended, raises ``TrainingInterrupted`` (a ``SystemExit``: status 130 or 143) unless
+        ``args.exit_on_interrupt`` is False. A second Ctrl+C raises ``KeyboardInterrupt`` at once.
         """
         self._seed()
         self._stop = False
-        self.checkpoint_manager = CheckpointManager(
+        with SignalWatcher(self.args.handle_signals, self.rank) as watcher:
+            output = self._train(watcher)
+        self.exit_code = output.exit_code
+        if output.exit_code and self.args.exit_on_interrupt:
+            raise TrainingInterrupted(output.exit_code, output)
+        return output
+
+    def _train(self, watcher: SignalWatcher) -> TrainOutput:
+        manager = self.checkpoint_manager = CheckpointManager(
             self.args.output_dir, self.get_state_components(), process_group=self._process_group(), **self.args.manager_options()
         )
-        self._checkpoints = checkpoints = TrainerCheckpoints(self.checkpoint_manager, self.rank)
+        self._checkpoints = checkpoints = TrainerCheckpoints(manager, self.rank)
         self.save_stalls = checkpoints.stalls
+        boundary = StepBoundary(watcher, self.args, rank=self.rank, world_size=self.world_size, group=manager.coordination_group)
+        stop: Decision | None = None
         try:
             resumed, skipped = checkpoints.resume(self.args.resume_from_checkpoint, self.state)
             first_step, total = self.state.global_step, torch.zeros(())
@@ -210,15 +230,28 @@ class BaseTrainer:
                 self._maybe_log(loss)
                 if self.args.save_strategy == "steps" and self.state.global_step % self.args.save_steps == 0:
                     checkpoints.save(self.state.global_step)
-            if self.args.save_strategy != "no":
-                checkpoints.save(self.state.global_step, final=True)
-            checkpoints.finish()
+                decision = boundary.poll(self.state.global_step)
+                if decision.stop:
+                    stop = decision
+                    break
+                if decision.save:
+                    checkpoints.save(self.state.global_step)
+            if stop is not None:
+                checkpoints.stop(self.state.global_step, stop, boundary)
+            else:
+                if self.args.save_strategy != "no":
+                    checkpoints.save(self.state.global_step, final=True)
+                checkpoints.finish()
         except BaseException as exc:
-            checkpoints.abort(exc)
+            if watcher.aborted:  # a second Ctrl+C: leave now; no checkpoint can be torn
+                exit_at_shutdown(exit_code(signal.SIGINT), checkpoints.abandon(), self.rank)
+            else:
+                checkpoints.abort(exc)
             raise
         steps = self.state.global_step - first_step
         mean = float(total) / steps if steps else float("nan")
-        return TrainOutput(self.state.global_step, mean, steps, resumed, checkpoints.last_committed, skipped)
+        reason, code = (stop.reason, stop.exit_code) if stop is not None else (None, 0)
+        return TrainOutput(self.state.global_step, mean, steps, resumed, checkpoints.last_committed, skipped, reason, code)
 
     def _finished(self) -> bool:
         if self._stop:

@@ -6,7 +6,10 @@ Everything here runs on the training thread, on every rank in the same order (th
 * a save whose background write fails is logged when its failure surfaces (at the next save)
   and training goes on: the next scheduled save is the retry;
 * ``ReplicationValidationError`` propagates: ranks that should agree do not (a training bug);
-* the final save's failure raises from ``train()``, since nothing would retry it.
+* the final save's failure raises from ``train()``, since nothing would retry it;
+* a stop for a signal (``stop``) lets the saves in flight commit, takes one more save if asked
+  and if it fits in the grace budget, and past the budget leaves without what still runs; its
+  save failures are logged, not raised (the process is on its way out).
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ from typing import Any
 
 from .. import CheckpointError, CheckpointManager, CheckpointSaveError, ReplicationValidationError, SaveHandle
 from ..layout import list_committed
+from .control import Decision, StepBoundary
+from .signals import exit_at_shutdown
 
 logger = logging.getLogger(__name__)
+
+_COST_FACTOR = 1.25  # a final save is estimated at this many times the last one's snapshot + persist time
+_EXIT_MARGIN_S = 0.5  # plus this, for the commit and the exit
 
 _SKIP_NOTES = {
     "optimizer": "the optimizer starts from fresh state",
@@ -41,6 +49,7 @@ class TrainerCheckpoints:
         self.last_saved: int | None = None  # the step of the newest save started (or resumed from)
         self.last_committed: Path | None = None  # the newest checkpoint known to have committed
         self.stalls: list[tuple[int, float]] = []  # (step, seconds save() blocked the training thread)
+        self.save_cost_s: float | None = None  # snapshot + persist seconds of the newest committed save
 
     def in_flight(self) -> bool:
         """Whether a save is still being written in the background. Never blocks."""
@@ -89,12 +98,84 @@ class TrainerCheckpoints:
                 continue
             self.pending.remove(handle)
             try:
-                self.last_committed = handle.wait() or self.last_committed
+                self._committed(handle, handle.wait())
             except CheckpointSaveError as exc:
                 self._log_failure(handle.step, exc)
 
+    def _committed(self, handle: SaveHandle, path: Path | None) -> None:
+        self.last_committed = path or self.last_committed
+        if path is not None:
+            timings = handle.timings
+            self.save_cost_s = timings.get("validate_s", 0.0) + timings.get("snapshot_s", 0.0) + timings.get("persist_s", 0.0)
+
     def _log_failure(self, step: int, exc: Exception) -> None:
         logger.error("[rank %d step %d] checkpoint save failed, training goes on: %s", self.rank, step, exc)
+
+    def stop(self, step: int, decision: Decision, boundary: StepBoundary) -> None:
+        """Every rank, at the boundary where they agreed to stop: end this call's checkpoints.
+
+        Lets the saves in flight commit; saves ``step`` if ``decision.save`` (and it is not saved
+        yet) and, with a ``deadline``, every rank expects it to finish in time (one
+        ``all_reduce``); closes the manager. A save still running at the deadline is left behind:
+        the process then exits at once at interpreter exit (``exit_at_shutdown``).
+        """
+        deadline = decision.deadline
+        left = "" if deadline is None else f", {deadline - time.monotonic():.1f} s of interrupt_grace_s left"
+        logger.info("[rank %d step %d] stopping for %s%s", self.rank, step, decision.reason, left)
+        drained = self.drain(deadline)
+        if decision.save and step != self.last_saved:
+            save, why = True, ""
+            if deadline is not None:
+                fits, why = self._fits(deadline) if drained else (False, "a save in flight is still running")
+                save = boundary.all_agree(fits)
+                if not save:
+                    logger.warning("[rank %d step %d] skipping the final save: it would not commit within interrupt_grace_s (%s)",
+                                   self.rank, step, why if not fits else "another rank's estimate")
+            if save:
+                self.save(step, final=True)
+                drained = self.drain(deadline)
+        if drained:
+            self.finish()
+        else:
+            exit_at_shutdown(decision.exit_code, self.abandon(), self.rank)
+
+    def drain(self, deadline: float | None = None) -> bool:
+        """Wait until every save in flight has ended, or until ``deadline`` (``time.monotonic()``).
+
+        Training thread. Logs what it waits for and how each save ended; failures are logged, not
+        raised. False when a save is still running at the deadline (it stays pending).
+        """
+        running = [h.step for h in self.pending if not h.done()]
+        if running:
+            logger.info("[rank %d] waiting for the save(s) in flight to commit: step(s) %s", self.rank, ", ".join(map(str, running)))
+        for handle in list(self.pending):
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self._committed(handle, handle.wait(timeout))
+            except CheckpointSaveError as exc:
+                if not handle.done():
+                    logger.warning("[rank %d step %d] the save is still running at the end of interrupt_grace_s", self.rank, handle.step)
+                    return False
+                logger.error("[rank %d step %d] checkpoint save failed: %s", self.rank, handle.step, exc)
+            self.pending.remove(handle)
+        return True
+
+    def _fits(self, deadline: float) -> tuple[bool, str]:
+        """Whether a save started now should commit before ``deadline``, and why (from the last save's cost)."""
+        left = deadline - time.monotonic()
+        if self.save_cost_s is None:
+            return left > _EXIT_MARGIN_S, f"{left:.2f} s left; no save of this run committed yet to estimate from"
+        needed = _COST_FACTOR * self.save_cost_s + _EXIT_MARGIN_S
+        return needed <= left, f"estimated {needed:.2f} s, {left:.2f} s left"
+
+    def abandon(self) -> list[SaveHandle]:
+        """Close the manager without waiting (an abort, or the grace budget spent); return the saves still running."""
+        running = [h for h in self.pending if not h.done()]
+        try:
+            self.manager.close(timeout=0)
+        except CheckpointError as exc:  # the saves still running: close() logged each of them
+            logger.debug("[rank %d] closing without waiting: %s", self.rank, exc)
+        return running
 
     def abort(self, exc: BaseException) -> None:
         """Training is unwinding with ``exc``: drain in-flight saves, log (not raise) their errors."""

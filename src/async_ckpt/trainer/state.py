@@ -43,3 +43,5 @@ class TrainOutput:
     resumed_from: Path | None = None  # the checkpoint this call started from, if any
     last_checkpoint: Path | None = None  # the newest checkpoint this call committed, if any
     skipped_components: list[str] = field(default_factory=list)  # optional components not restored on resume
+    stop_reason: str | None = None  # why training ended early: "SIGINT", "SIGTERM", "stop", "save-and-stop"
+    exit_code: int = 0  # the process exit status this ending calls for: 130 (SIGINT), 143 (SIGTERM), else 0
