@@ -87,14 +87,20 @@ class CommitChannel:
     def collect(self, seq: int, timeout_s: float) -> list[Report]:
         """Rank 0: wait until every rank has reported ``seq`` or ``timeout_s`` passes.
 
-        Raises ``CheckpointTimeoutError`` naming the ranks that did not report.
+        Raises ``CheckpointTimeoutError`` naming the ranks that did not report, or that withdrew
+        their report: a rank that stopped waiting for this outcome (rank 0 was later than the
+        timeout) deletes its report when it reports the next save, and this save then fails on
+        rank 0 too, as it already did on that rank.
         """
         keys = [f"{seq}/report/{r}" for r in range(self.world_size)]
-        if not self._wait_count(f"{seq}/reported", self.world_size, timeout_s):
-            missing = [k for k in keys if not self._store.check([k])]
-            if missing:  # else a rank stored its report but died before counting it: all are in
-                ranks = ", ".join(k.rsplit("/", 1)[1] for k in missing)
-                raise CheckpointTimeoutError(f"rank(s) {ranks} did not report within {timeout_s:g}s")
+        counted = self._wait_count(f"{seq}/reported", self.world_size, timeout_s)
+        # Not counted but every key there: a rank stored its report and died before counting it.
+        missing = [] if self._store.check(keys) else [k for k in keys if not self._store.check([k])]
+        if missing:
+            ranks = ", ".join(k.rsplit("/", 1)[1] for k in missing)
+            if counted:
+                raise CheckpointTimeoutError(f"rank(s) {ranks} withdrew their report: they stopped waiting for rank 0's outcome")
+            raise CheckpointTimeoutError(f"rank(s) {ranks} did not report within {timeout_s:g}s")
         multi_get = getattr(self._store, "multi_get", None)
         values = multi_get(keys) if multi_get is not None else [self._store.get(k) for k in keys]
         return [Report(**json.loads(v)) for v in values]

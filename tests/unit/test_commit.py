@@ -190,7 +190,7 @@ def test_collect_polls_one_counter_and_reads_all_reports_at_once():
     reports = chans[0].collect(0, timeout_s=10)
     thread.join()
     assert [r.rank for r in reports] == list(range(world))
-    assert store.calls.get("check", 0) == 0 and store.calls.get("get", 0) == 0  # no per-rank polling or reads
+    assert store.calls.get("check", 0) == 1 and store.calls.get("get", 0) == 0  # one check of all keys, no per-rank reads
     assert store.calls["multi_get"] == 1
     assert store.calls["add"] < world + 40  # one per report, plus rank 0's polls of the counter
 
@@ -228,3 +228,13 @@ def test_each_rank_deletes_its_own_previous_report_and_rank0_only_two_keys():
         chans[0].publish(seq, Outcome(ok=True, path=f"p{seq}"))
         assert store.calls.get("delete_key", 0) - before == (2 if seq else 0)
     assert all(store.check([f"1/report/{rank}"]) for rank in range(world))  # the last save's reports stay
+
+
+@pytest.mark.timeout(60)
+def test_a_report_withdrawn_by_a_rank_that_moved_on_fails_the_save_on_rank0_too():
+    _, chans = _channels(3)
+    for r in range(3):
+        chans[r].report(0, _report(r))
+    chans[2].report(1, _report(2))  # rank 2 gave up waiting for outcome 0 and reported save 1
+    with pytest.raises(CheckpointTimeoutError, match=r"rank\(s\) 2 withdrew their report"):
+        chans[0].collect(0, timeout_s=5)
