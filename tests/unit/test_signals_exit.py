@@ -8,6 +8,8 @@ manager nobody closed, and logs each one's end; a subprocess shows it with a sav
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -80,3 +82,45 @@ def test_close_logs_the_saves_it_waited_for(tmp_path: Path, held: threading.Even
     manager.close(timeout=10)
     assert "closing: waiting for 1 save(s) in flight: step 4" in caplog.text
     assert f"[rank 0 step 4] closing: committed {tmp_path / 'checkpoint-4'} after waiting" in caplog.text
+
+
+WORKERS_CHILD = """
+import logging, sys, time
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+from async_ckpt.trainer import Trainer, TrainingArguments
+from tests.distributed.trainer_child import RegressionData, new_model
+
+class Slow(Trainer):
+    def training_step(self, batch):
+        loss = super().training_step(batch)
+        time.sleep(0.02)
+        print("step", self.state.global_step + 1, flush=True)
+        return loss
+
+args = TrainingArguments(output_dir=sys.argv[1], max_steps=10_000, per_device_train_batch_size=4, save_steps=7, logging_steps=0,
+                         dataloader_num_workers=2, save_on_interrupt=True)
+Slow(model=new_model(), args=args, train_dataset=RegressionData()).train()
+"""
+
+
+def test_ctrl_c_to_the_whole_process_group_with_dataloader_workers(tmp_path: Path) -> None:
+    """A terminal's Ctrl+C reaches the forked DataLoader workers too: they ignore it, the trainer stops."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    log = tmp_path / "child.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", WORKERS_CHILD, str(tmp_path / "run")], stdout=sink, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 40
+        while "step 12\n" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert text.count("SIGINT: stopping at the next step boundary") == 1, "only the trainer process takes note"
+    stopped = int(re.search(r"\[rank 0 step (\d+)\] stopping for SIGINT", text).group(1))  # type: ignore[union-attr]
+    assert [step for step, _ in list_committed(tmp_path / "run")][-1] == stopped, text[-3000:]

@@ -74,6 +74,7 @@ class SignalWatcher:
         self.aborted = False  # a second Ctrl+C arrived: KeyboardInterrupt was raised
         self.installed = False
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "SignalWatcher":
         if not self.enabled:
@@ -99,7 +100,13 @@ class SignalWatcher:
         return SIGNAL_CODES[self.signum], time.monotonic() - self.first_at
 
     def _handle(self, signum: int, frame: Any) -> None:
-        """Runs on the main thread between bytecodes: note the signal; raise only to abort."""
+        """Runs on the main thread between bytecodes: note the signal; raise only to abort.
+
+        A forked DataLoader worker inherits the handler and gets the terminal's Ctrl+C too: there
+        it does nothing, so the worker keeps serving batches until the trainer shuts it down.
+        """
+        if os.getpid() != self._pid:
+            return
         now = time.monotonic()
         name = signal.Signals(signum).name
         if self.first_at is None:
