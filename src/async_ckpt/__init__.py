@@ -25,6 +25,7 @@ from .errors import (
 from .handle import SaveHandle
 from .loading import LoadResult
 from .manager import CheckpointManager
+from .mesh import LocalShards
 from .rng import RNGState, rng_component
 from .staging import StagingPool
 
@@ -42,6 +43,7 @@ __all__ = [
     "CheckpointTimeoutError",
     "FileFormat",
     "LoadResult",
+    "LocalShards",
     "RNGState",
     "ReplicationValidationError",
     "SaveHandle",

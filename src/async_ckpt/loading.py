@@ -113,3 +113,29 @@ def apply_states(plan: ReadPlan, components: list[StateComponent], path: Path, r
     for key, reason in plan.skipped.items():
         logger.warning("[rank %d step %d] skipped optional component '%s': %s", rank, plan.manifest.step, key, reason)
     return LoadResult(step=plan.manifest.step, path=path, loaded=loaded, skipped=sorted(plan.skipped))
+
+
+def by_rank(per_rank: list[list[str]]) -> list[str]:
+    """Each distinct message once, with the ranks that reported it (pure).
+
+    ``[["m"], ["m"], ["x"]]`` -> ``["rank(s) 0-1: m", "rank(s) 2: x"]``: at 10,000 ranks a
+    refusal every rank shares is one line, not ten thousand.
+    """
+    ranks: dict[str, list[int]] = {}
+    for rank, messages in enumerate(per_rank):
+        for message in messages:
+            ranks.setdefault(message, []).append(rank)
+    return [f"rank(s) {_spans(rs)}: {message}" for message, rs in ranks.items()]
+
+
+def _spans(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    spans = []
+    start = prev = ranks[0]
+    for rank in ranks[1:]:
+        if rank != prev + 1:
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            start = rank
+        prev = rank
+    spans.append(str(start) if start == prev else f"{start}-{prev}")
+    return ", ".join(spans)

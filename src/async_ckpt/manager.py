@@ -38,7 +38,7 @@ from .errors import (
 )
 from .handle import SaveHandle
 from .layout import checkpoint_dirname, file_name, list_committed, slot, staging_dirname, writes
-from .loading import LoadResult, apply_states, read_candidate
+from .loading import LoadResult, apply_states, by_rank, read_candidate
 from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups, mesh_refusal
 from .retention import clean_leftovers
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_job
@@ -427,8 +427,8 @@ class CheckpointManager:
             plan = read_candidate(path, self.components, self.topology, verify=self.verify_on_load, strict=strict)
             plan.refusal = mesh_refusal(plan.manifest, self.metadata.get("mesh")) or plan.refusal  # another mesh: the one reason
             verdicts = self._gather((plan.damage, plan.refusal, plan.too_new))
-            damage = [f"rank {r}: {d}" for r, (ds, _, _) in enumerate(verdicts) for d in ds]
-            refusal = [f"rank {r}: {d}" for r, (_, rs, _) in enumerate(verdicts) for d in rs]
+            damage = by_rank([v[0] for v in verdicts])
+            refusal = by_rank([v[1] for v in verdicts])
             if damage:
                 if explicit:
                     error = CheckpointFormatError if any(v[2] for v in verdicts) else CheckpointCorruptError

@@ -787,3 +787,11 @@ def test_protected_checkpoint_survives_retention(tmp_path):
         mgr.save(5)
         mgr.wait()
         assert [s for s, _ in list_committed(tmp_path)] == [4, 5]
+
+
+def test_by_rank_groups_identical_messages():
+    from async_ckpt.loading import by_rank
+
+    assert by_rank([["m"], ["m"], ["x"], ["m"], []]) == ["rank(s) 0-1, 3: m", "rank(s) 2: x"]
+    assert by_rank([[], []]) == []
+    assert by_rank([["a", "b"]]) == ["rank(s) 0: a", "rank(s) 0: b"]
