@@ -77,3 +77,9 @@ def test_distributed_arguments_add_their_fields() -> None:
         PipelineTrainingArguments(output_dir="o", per_device_train_batch_size=6, n_microbatches=4)
     with pytest.raises(ValueError, match="pipeline_schedule must be one of 'gpipe', '1f1b'"):
         PipelineTrainingArguments(output_dir="o", per_device_train_batch_size=4, pipeline_schedule="zb")
+
+
+def test_pipeline_dp_degree_must_be_positive():
+    assert PipelineTrainingArguments(output_dir="o", per_device_train_batch_size=8, n_microbatches=4, dp_degree=2).dp_degree == 2
+    with pytest.raises(ValueError, match="dp_degree must be a positive integer"):
+        PipelineTrainingArguments(output_dir="o", per_device_train_batch_size=8, n_microbatches=4, dp_degree=0)

@@ -117,6 +117,10 @@ class BaseTrainer:
     def _process_group(self) -> Any:
         return None
 
+    def _mesh(self) -> Any:
+        """The ``DeviceMesh`` whose named dimensions PER_GROUP components use (None: no mesh)."""
+        return None
+
     def _steps_per_epoch(self) -> int | None:
         try:
             return len(self.train_dataloader)
@@ -208,7 +212,7 @@ class BaseTrainer:
 
     def _train(self, watcher: SignalWatcher) -> TrainOutput:
         manager = self.checkpoint_manager = CheckpointManager(
-            self.args.output_dir, self.get_state_components(), process_group=self._process_group(), **self.args.manager_options()
+            self.args.output_dir, self.get_state_components(), process_group=self._process_group(), mesh=self._mesh(), **self.args.manager_options()
         )
         self._checkpoints = checkpoints = TrainerCheckpoints(manager, self.rank)
         self.save_stalls = checkpoints.stalls

@@ -25,13 +25,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.utils.data import DistributedSampler
 
 from .. import SharingPattern, StateComponent, ValidationLevel
 from .args import TrainingArguments
 from .base import BaseTrainer
-from .data import batch_rows, to_device
+from .data import batch_rows, build_dataloader, to_device
 from .ddp import init_distributed
 from .stage_names import FullNames, full_names
+from .pipeline_mesh import PipelineTopology
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ _SHARING = {
     "trainer": SharingPattern.REPLICATED,
     "dataset": SharingPattern.GLOBAL,
 }
+_ONCE_PER_STAGE = ("model", "optimizer")  # with dp_degree > 1: saved by one replica per stage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +55,7 @@ class PipelineTrainingArguments(TrainingArguments):
     n_microbatches: int = 4  # microbatches per batch; the batch size must be a multiple of it
     pipeline_schedule: str = "gpipe"  # "gpipe" | "1f1b"
     backend: str | None = None  # process group backend when the trainer initialises it; None: nccl on CUDA, else gloo
+    dp_degree: int = 1  # data-parallel replicas of the pipeline (world size = dp_degree x stages)
 
     def _problems(self) -> list[str]:
         out = super()._problems()
@@ -62,6 +66,8 @@ class PipelineTrainingArguments(TrainingArguments):
                 f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
                 f"n_microbatches ({self.n_microbatches})"
             )
+        if not isinstance(self.dp_degree, int) or self.dp_degree < 1:
+            out.append(f"dp_degree must be a positive integer, got {self.dp_degree!r}")
         if self.pipeline_schedule not in _SCHEDULES:
             out.append(f"pipeline_schedule must be one of {', '.join(map(repr, _SCHEDULES))}; got {self.pipeline_schedule!r}")
         return out
@@ -115,51 +121,72 @@ class PipelineTrainer(BaseTrainer):
                 raise ValueError("PipelineTrainer needs model= or model_init=")
             torch.manual_seed(self.args.seed)
             model = self._model_init()
-        parts = list(self._splitter(model))
-        if len(parts) != self.world_size:
-            raise ValueError(f"model_splitter returned {len(parts)} stages but there are {self.world_size} ranks: return one stage per rank")
         device = torch.device("cpu")
         if torch.cuda.is_available() and dist.get_backend() == "nccl":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
             torch.cuda.set_device(device)
-        stage_module = parts[self.rank].to(device)
+        self.topology = PipelineTopology.build(self.args.dp_degree, self.rank, self.world_size, device.type)
+        parts = list(self._splitter(model))
+        if len(parts) != self.topology.stages:
+            raise ValueError(
+                f"model_splitter returned {len(parts)} stages but {self.world_size} ranks with dp_degree="
+                f"{self.args.dp_degree} run {self.topology.stages}: return one stage per rank of a pipeline"
+            )
+        stage_module = parts[self.topology.stage].to(device)
         self._full_names = full_names(model, stage_module)
-        self.stage = PipelineStage(stage_module, self.rank, self.world_size, device)
+        self.stage = PipelineStage(stage_module, self.topology.stage, self.topology.stages, device, group=self.topology.pp_group)
         schedule = _SCHEDULES[self.args.pipeline_schedule]
         self.schedule = schedule(self.stage, n_microbatches=self.args.n_microbatches, loss_fn=self.loss_fn)
         return stage_module, stage_module
 
     def _default_dataloader(self) -> Any:
-        if self.rank != 0 and self.train_dataset is None:
-            return []  # only rank 0 reads data
-        return super()._default_dataloader()
+        topo = self.topology
+        if topo.stage != 0:
+            return []  # the first stage of each pipeline reads its replica's data
+        if topo.replicas == 1:
+            return super()._default_dataloader()
+        if self.train_dataset is None:
+            raise ValueError("PipelineTrainer needs train_dataset= or train_dataloader=")
+        sampler = DistributedSampler(self.train_dataset, num_replicas=topo.replicas, rank=topo.replica, shuffle=True, seed=self.args.seed)
+        return build_dataloader(self.train_dataset, self.args.per_device_train_batch_size, seed=self.args.seed, sampler=sampler, **self._loader_options())
 
     def _sharing(self, key: str) -> tuple[SharingPattern, ValidationLevel]:
         return _SHARING.get(key, SharingPattern.PER_RANK), ValidationLevel.NONE
 
+    def _mesh(self) -> Any:
+        return self.topology.mesh
+
     def _component(self, key: str, stateful: Any, **kwargs: Any) -> StateComponent:
         if key == "model":  # saved under full-model names, so the stages' files merge into one model
             stateful = FullNames(stateful, self._full_names)
+        if self.topology.replicas > 1 and key in _ONCE_PER_STAGE:  # one copy per stage, shared along "dp"
+            return StateComponent(key, stateful, sharing_pattern=SharingPattern.PER_GROUP, group="dp", **kwargs)
+        if self.topology.replicas > 1 and key == "dataset":  # one position per replica (its "pp" group)
+            return StateComponent(key, stateful, sharing_pattern=SharingPattern.PER_GROUP, group="pp", **kwargs)
         return super()._component(key, stateful, **kwargs)
 
     def _fetch_batch(self) -> Any:
-        """Rank 0 reads the next batch and broadcasts it to every stage; None (for all) at epoch end."""
+        """Each pipeline's first stage reads the next batch and broadcasts it to its stages; None at epoch end."""
+        topo = self.topology
         box: list[Any] = [None]
-        if self.rank == 0:
+        if topo.stage == 0:
             batch = super()._fetch_batch()
             while batch is not None and batch_rows(batch) < self.args.n_microbatches:
-                logger.warning("[rank 0 step %d] dropping a batch of %d samples: fewer than n_microbatches", self.state.global_step, batch_rows(batch))
+                logger.warning("[rank %d step %d] dropping a batch of %d samples: fewer than n_microbatches", self.rank, self.state.global_step, batch_rows(batch))
                 batch = super()._fetch_batch()
             box[0] = batch
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        dist.broadcast_object_list(box, src=topo.first, group=topo.pp_group)
+        ended = torch.tensor(1 if box[0] is None else 0)
+        if topo.replicas > 1:  # every replica ends the epoch together (shards may differ by a batch)
+            dist.all_reduce(ended, op=dist.ReduceOp.MAX)
+        return None if ended.item() else box[0]
 
     def _global_rows(self, batch: Any) -> int:
         return batch_rows(batch)
 
     def _steps_per_epoch(self) -> int | None:
-        box = [super()._steps_per_epoch() if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
+        box = [super()._steps_per_epoch() if self.topology.stage == 0 else None]
+        dist.broadcast_object_list(box, src=self.topology.first, group=self.topology.pp_group)
         return box[0]
 
     def training_step(self, batch: Any) -> torch.Tensor:
@@ -171,7 +198,15 @@ class PipelineTrainer(BaseTrainer):
         kwargs = {"target": labels, "losses": losses} if last else {}
         self.schedule.step(*args, **kwargs)
         loss = torch.stack([l.detach().float() for l in losses]).mean() if last else torch.zeros((), device=self.device)
-        dist.broadcast(loss, src=self.world_size - 1)
+        topo = self.topology
+        dist.broadcast(loss, src=topo.last, group=topo.pp_group)
+        if topo.replicas > 1:  # average gradients (and the logged loss) over the replicas of this stage
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad, group=topo.dp_group)
+                    param.grad.div_(topo.replicas)
+            dist.all_reduce(loss, group=topo.dp_group)
+            loss.div_(topo.replicas)
         self._optimizer_step()
         return loss
 
@@ -181,7 +216,7 @@ class PipelineTrainer(BaseTrainer):
         squares = torch.zeros((), device=self.device)
         for grad in grads:
             squares += grad.detach().float().pow(2).sum()
-        dist.all_reduce(squares)
+        dist.all_reduce(squares, group=self.topology.pp_group)  # replicas hold the same averaged gradients
         scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(scale.to(grad.dtype))
