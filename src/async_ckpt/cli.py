@@ -28,7 +28,7 @@ from .export import export_model
 from .layout import MANIFEST_NAME, checkpoint_dirname, list_committed, list_leftovers, parse_step
 from .manifest import Manifest, check_files, read_manifest
 from .retention import delete_checkpoint, select_for_deletion
-from .storage import fsync_dir, read_file, remove_tree
+from .storage import fsync_dir, remove_tree
 
 logger = logging.getLogger(__name__)
 

@@ -8,14 +8,17 @@ model half-loaded. Cross-rank agreement is the manager's job (it gathers ``probl
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .components import SharingPattern, StateComponent
-from .errors import CheckpointError, CheckpointFormatError, CheckpointLoadError
-from .layout import slot
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointLoadError, CheckpointNotFoundError
+from .layout import list_committed, slot
 from .manifest import Manifest, read_manifest
+from .mesh import mesh_refusal
 from .serialization import read_safetensors, read_torch
 from .storage import read_file, safe_member
 from .topology import Topology
@@ -113,6 +116,67 @@ def apply_states(plan: ReadPlan, components: list[StateComponent], path: Path, r
     for key, reason in plan.skipped.items():
         logger.warning("[rank %d step %d] skipped optional component '%s': %s", rank, plan.manifest.step, key, reason)
     return LoadResult(step=plan.manifest.step, path=path, loaded=loaded, skipped=sorted(plan.skipped))
+
+
+def load_checkpoint(
+    output_dir: Path,
+    components: list[StateComponent],
+    topology: Topology,
+    *,
+    checkpoint: str | os.PathLike[str] | None,
+    strict: bool,
+    verify: bool,
+    mesh: Any,
+    gather: Callable[[Any], list[Any]],
+    broadcast: Callable[[Any], Any],
+) -> LoadResult | None:
+    """``CheckpointManager.load``: pick a checkpoint every rank agrees on, read it, restore it.
+
+    Training thread, every rank. ``gather`` and ``broadcast`` are the manager's collectives on
+    its coordination group; every decision (path visible, damaged, refused, a failed restore) is
+    gathered so that all ranks raise the same error or load the same checkpoint.
+    """
+    explicit = checkpoint is not None
+    if explicit:
+        path = Path(checkpoint)  # type: ignore[arg-type]
+        unseen = [r for r, seen in enumerate(gather(path.is_dir())) if not seen]
+        if unseen:  # every rank raises, so none is left waiting in a collective
+            raise CheckpointNotFoundError(f"no checkpoint at {path} (not visible to rank(s) {', '.join(map(str, unseen))})")
+        candidates = [path]
+    else:
+        candidates = broadcast([p for _, p in reversed(list_committed(output_dir))])
+    skipped_reasons = []
+    for path in candidates:
+        plan = read_candidate(path, components, topology, verify=verify, strict=strict)
+        plan.refusal = mesh_refusal(plan.manifest, mesh) or plan.refusal  # another mesh: the one reason
+        verdicts = gather((plan.damage, plan.refusal, plan.too_new))
+        damage = by_rank([v[0] for v in verdicts])
+        refusal = by_rank([v[1] for v in verdicts])
+        if damage:
+            if explicit:
+                error = CheckpointFormatError if any(v[2] for v in verdicts) else CheckpointCorruptError
+                raise error(f"Checkpoint {path} cannot be read: " + "; ".join(damage))
+            logger.warning("[rank %d] skipping damaged checkpoint %s: %s", topology.rank, path, "; ".join(damage))
+            skipped_reasons.append(f"{path.name}: {damage[0]}")
+            continue
+        if refusal:
+            raise CheckpointLoadError(f"Cannot load {path} into this job: " + "; ".join(refusal))
+        try:
+            result, failure = apply_states(plan, components, path, topology.rank), ""
+        except CheckpointLoadError as exc:
+            result, failure = None, str(exc)
+        failures = [f for f in gather(failure) if f]
+        if failures:  # the same error on every rank; state already restored stays restored
+            raise CheckpointLoadError("; ".join(failures))
+        assert result is not None
+        logger.info("[rank %d step %d] loaded %s: loaded=%s skipped=%s", topology.rank, result.step, path, result.loaded, result.skipped)
+        return result
+    if skipped_reasons:
+        raise CheckpointCorruptError(
+            f"No committed checkpoint under {output_dir} verifies: " + "; ".join(skipped_reasons)
+            + ". Delete them or load one explicitly after repairing it."
+        )
+    return None
 
 
 def by_rank(per_rank: list[list[str]]) -> list[str]:

@@ -7,15 +7,11 @@ runs on one commit thread and ``num_io_threads`` I/O threads per rank (see ``sav
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
-import concurrent.futures.thread  # noqa: F401 - registers its exit hook (joining the pool threads) before ours
 import logging
 import os
-import threading
 import time
 import uuid
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,31 +21,27 @@ import torch.distributed as dist
 
 from . import faults
 from .commit import CommitChannel, Report
+from .config import check_args, check_incremental, coordination_group, describe_component, lower_priority
 from .components import StateComponent, ValidationLevel, check_components
+from .draining import _OPEN, drain_at_exit, log_drained, steps_text
 from .errors import (
     CheckpointConfigError,
-    CheckpointCorruptError,
     CheckpointError,
-    CheckpointFormatError,
-    CheckpointLoadError,
-    CheckpointNotFoundError,
     CheckpointTimeoutError,
     describe,
 )
 from .handle import SaveHandle
 from .layout import checkpoint_dirname, file_name, list_committed, slot, staging_dirname, writes
-from .loading import LoadResult, apply_states, by_rank, read_candidate
-from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups, mesh_refusal
+from .loading import LoadResult, load_checkpoint
+from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups
 from .retention import clean_leftovers
-from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_job
+from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_after_snapshot, run_job
 from .staging import BackgroundSnapshot, StagingPool, frozen_identities
 from .topology import Topology, group_places
 from .validation import validate_replication
 
 logger = logging.getLogger(__name__)
 
-_OPEN: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()  # managers not closed yet, drained at exit
-_exit_hook_registered = False
 
 
 class CheckpointManager:
@@ -95,7 +87,7 @@ class CheckpointManager:
         verify_incremental: bool = False,
         io_nice: int = 0,
     ) -> None:
-        _check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
+        check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
         self.output_dir = Path(output_dir)
         self.components = list(components)
         self.async_save = async_save
@@ -106,9 +98,9 @@ class CheckpointManager:
         process_groups = mesh_groups(mesh, process_groups) if mesh is not None else dict(process_groups or {})
         self.metadata = manifest_metadata(metadata, mesh)  # into every manifest; "mesh" checked on load
         check_components(self.components, list(process_groups))
-        self._incremental = _check_incremental(self.components, incremental)
+        self._incremental = check_incremental(self.components, incremental)
         distributed = dist.is_available() and dist.is_initialized()
-        self._coord = _coordination_group(process_group, self.timeout_s) if distributed else None
+        self._coord = coordination_group(process_group, self.timeout_s) if distributed else None
         self._world_ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD) if distributed else [0]
         if mesh is not None:
             check_mesh_ranks(mesh, self._world_ranks)
@@ -122,7 +114,7 @@ class CheckpointManager:
         self._pending: tuple[BackgroundSnapshot, SaveJob] | None = None  # overlap save awaiting wait_snapshot()
         if not isinstance(io_nice, int) or not 0 <= io_nice <= 19:
             raise CheckpointConfigError(f"io_nice must be an integer from 0 (normal) to 19 (lowest CPU priority), got {io_nice!r}")
-        nice: dict[str, Any] = {"initializer": _lower_priority, "initargs": (io_nice,)} if io_nice else {}
+        nice: dict[str, Any] = {"initializer": lower_priority, "initargs": (io_nice,)} if io_nice else {}
         self._io = concurrent.futures.ThreadPoolExecutor(num_io_threads, thread_name_prefix="async_ckpt-io", **nice)
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit", **nice)
         self._ctx = SaveContext(
@@ -135,7 +127,7 @@ class CheckpointManager:
             level=compression_level,
             timeout_s=self.timeout_s,
             save_total_limit=save_total_limit,
-            components=[_describe_component(c) for c in self.components],
+            components=[describe_component(c) for c in self.components],
             metadata=self.metadata,
         )
         self._seq = 0
@@ -143,7 +135,7 @@ class CheckpointManager:
         self._unsettled: list[SaveHandle] = []  # saves whose failure may not have been raised yet
         self._closed = False
         self._pid = os.getpid()  # a forked child inherits this object but not its threads
-        _drain_at_exit(self)
+        drain_at_exit(self)
 
     # ----------------------------------------------------------------------------------- save
 
@@ -204,7 +196,7 @@ class CheckpointManager:
             self._committer.submit(run_job, self._ctx, job)
         else:
             self._pending = (background, job)
-            self._committer.submit(_run_after_snapshot, self._ctx, job, background)
+            self._committer.submit(run_after_snapshot, self._ctx, job, background)
         logger.debug("[rank %d step %d] staged in %.1f ms", self.topology.rank, step, 1000 * (now - started))
         if not self.async_save:
             handle.wait()
@@ -308,7 +300,7 @@ class CheckpointManager:
             return
         in_flight = [h for h in self._unsettled if not h.done()]
         if in_flight:
-            logger.info("[rank %d] closing: waiting for %d save(s) in flight: %s", self.topology.rank, len(in_flight), _steps(in_flight))
+            logger.info("[rank %d] closing: waiting for %d save(s) in flight: %s", self.topology.rank, len(in_flight), steps_text(in_flight))
         started = time.monotonic()
         try:
             self.wait(timeout)
@@ -317,53 +309,9 @@ class CheckpointManager:
             _OPEN.discard(self)
             running = [h for h in in_flight if not h.done()]
             if in_flight:
-                self._log_drained("closing", in_flight, time.monotonic() - started)
+                log_drained(self.topology.rank, "closing", in_flight, time.monotonic() - started)
             for pool in (self._committer, self._io, self._copier):
                 pool.shutdown(wait=not running)
-
-    def _log_drained(self, when: str, handles: list[SaveHandle], waited_s: float) -> None:
-        """Log how each save ``close`` or exit waited for ended: committed, failed or still running."""
-        rank = self.topology.rank
-        for handle in handles:
-            if not handle.done():
-                logger.warning(
-                    "[rank %d step %d] %s: gave up after %.2f s on the save still running: not committed (its staging "
-                    "directory is removed at the next start)", rank, handle.step, when, waited_s,
-                )
-            elif handle.failed():
-                logger.error("[rank %d step %d] %s: the save failed: %s", rank, handle.step, when, handle.exception())
-            else:
-                logger.info("[rank %d step %d] %s: committed %s after waiting %.2f s", rank, handle.step, when, handle.path, waited_s)
-
-    def _exit_drain(self) -> None:
-        """Interpreter exit, main thread, before ``concurrent.futures`` joins the pool threads.
-
-        For a manager nobody closed: wait (bounded) for the saves in flight and log each one's end,
-        so no process ends with a save cut short unnoticed. The pool threads are not daemon
-        threads: Python joins them after this anyway, however long a stuck write takes.
-        """
-        if self._closed or self._pid != os.getpid():
-            return
-        self._closed = True
-        in_flight = [h for h in self._unsettled if not h.done()]
-        unseen = [h for h in self._unsettled if h.failed() and not h.observed and h not in in_flight]
-        if in_flight:
-            logger.warning(
-                "[rank %d] exiting without CheckpointManager.close(): waiting up to %.0f s for %d save(s) in flight: %s",
-                self.topology.rank, self._bounded_wait_s(), len(in_flight), _steps(in_flight),
-            )
-            started = time.monotonic()
-            deadline = started + self._bounded_wait_s()
-            for handle in in_flight:
-                try:
-                    handle._future.exception(max(0.0, deadline - time.monotonic()))
-                except concurrent.futures.TimeoutError:
-                    break
-            self._log_drained("at exit", in_flight + unseen, time.monotonic() - started)
-        elif unseen:
-            self._log_drained("at exit", unseen, 0.0)
-        for pool in (self._committer, self._io, self._copier):
-            pool.shutdown(wait=False)
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -413,47 +361,10 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        explicit = checkpoint is not None
-        if explicit:
-            path = Path(checkpoint)  # type: ignore[arg-type]
-            unseen = [r for r, seen in enumerate(self._gather(path.is_dir())) if not seen]
-            if unseen:  # every rank raises, so none is left waiting in a collective
-                raise CheckpointNotFoundError(f"no checkpoint at {path} (not visible to rank(s) {', '.join(map(str, unseen))})")
-            candidates = [path]
-        else:
-            candidates = self._broadcast([p for _, p in reversed(list_committed(self.output_dir))])
-        skipped_reasons = []
-        for path in candidates:
-            plan = read_candidate(path, self.components, self.topology, verify=self.verify_on_load, strict=strict)
-            plan.refusal = mesh_refusal(plan.manifest, self.metadata.get("mesh")) or plan.refusal  # another mesh: the one reason
-            verdicts = self._gather((plan.damage, plan.refusal, plan.too_new))
-            damage = by_rank([v[0] for v in verdicts])
-            refusal = by_rank([v[1] for v in verdicts])
-            if damage:
-                if explicit:
-                    error = CheckpointFormatError if any(v[2] for v in verdicts) else CheckpointCorruptError
-                    raise error(f"Checkpoint {path} cannot be read: " + "; ".join(damage))
-                logger.warning("[rank %d] skipping damaged checkpoint %s: %s", self.topology.rank, path, "; ".join(damage))
-                skipped_reasons.append(f"{path.name}: {damage[0]}")
-                continue
-            if refusal:
-                raise CheckpointLoadError(f"Cannot load {path} into this job: " + "; ".join(refusal))
-            try:
-                result, failure = apply_states(plan, self.components, path, self.topology.rank), ""
-            except CheckpointLoadError as exc:
-                result, failure = None, str(exc)
-            failures = [f for f in self._gather(failure) if f]
-            if failures:  # the same error on every rank; state already restored stays restored
-                raise CheckpointLoadError("; ".join(failures))
-            assert result is not None
-            logger.info("[rank %d step %d] loaded %s: loaded=%s skipped=%s", self.topology.rank, result.step, path, result.loaded, result.skipped)
-            return result
-        if skipped_reasons:
-            raise CheckpointCorruptError(
-                f"No committed checkpoint under {self.output_dir} verifies: " + "; ".join(skipped_reasons)
-                + ". Delete them or load one explicitly after repairing it."
-            )
-        return None
+        return load_checkpoint(
+            self.output_dir, self.components, self.topology, checkpoint=checkpoint, strict=strict,
+            verify=self.verify_on_load, mesh=self.metadata.get("mesh"), gather=self._gather, broadcast=self._broadcast,
+        )
 
     # ----------------------------------------------------------------------------------- internals
 
@@ -509,101 +420,3 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager for {self.output_dir} is closed")
-
-
-def _drain_at_exit(manager: CheckpointManager) -> None:
-    """Have interpreter exit drain ``manager`` unless it is closed first (one hook for all).
-
-    ``threading._register_atexit`` runs hooks before the pool threads are joined (``atexit`` runs
-    them after): only there can the wait be bounded and logged. Holds managers weakly.
-    """
-    global _exit_hook_registered
-    _OPEN.add(manager)
-    if _exit_hook_registered:
-        return
-    register = getattr(threading, "_register_atexit", atexit.register)
-    try:
-        register(_drain_open_managers)
-    except RuntimeError:  # the interpreter is already shutting down
-        return
-    _exit_hook_registered = True
-
-
-def _drain_open_managers() -> None:
-    for manager in list(_OPEN):
-        try:
-            manager._exit_drain()
-        except Exception:  # an exit hook must not stop the others
-            logger.exception("draining a CheckpointManager at exit failed")
-
-
-def _steps(handles: Sequence[SaveHandle]) -> str:
-    return ", ".join(f"step {h.step}" for h in handles)
-
-
-def _run_after_snapshot(ctx: SaveContext, job: SaveJob, background: BackgroundSnapshot) -> None:
-    """Commit thread, overlap mode: write only once the training thread confirmed the snapshot."""
-    error = background.verdict(ctx.timeout_s)
-    if error is not None and job.failure is None:
-        job.failure = Report(rank=ctx.rank, ok=False, error=describe(error, rank=ctx.rank, step=job.step, phase="snapshot"))
-    run_job(ctx, job)
-
-
-def _check_incremental(components: Sequence[StateComponent], keys: Sequence[str]) -> frozenset[str]:
-    """The keys of the components that stage incrementally; refuses unknown keys and non-modules."""
-    if isinstance(keys, str):
-        raise CheckpointConfigError(f"incremental takes a list of component keys, got the string {keys!r}: use incremental=[{keys!r}]")
-    by_key = {c.key: c for c in components}
-    for key in keys:
-        if key not in by_key:
-            raise CheckpointConfigError(f"incremental names component {key!r}, which is not one of {sorted(by_key)}")
-        if not isinstance(by_key[key].stateful, torch.nn.Module):
-            raise CheckpointConfigError(
-                f"incremental component {key!r} is a {type(by_key[key].stateful).__name__}, not a torch.nn.Module: "
-                "only a module's frozen parameters can be left in place"
-            )
-    return frozenset(keys)
-
-
-def _coordination_group(process_group: Any, timeout_s: float) -> Any:
-    """A gloo group over the manager's ranks, used only by the training thread (invariant 5)."""
-    group = process_group or dist.group.WORLD
-    if dist.get_backend(group) == "gloo":
-        return group
-    import datetime
-
-    return dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def _describe_component(component: StateComponent) -> dict[str, Any]:
-    return {
-        "key": component.key,
-        "sharing_pattern": component.sharing_pattern.value,
-        "required": component.required,
-        "file_format": component.file_format.value,  # type: ignore[union-attr]
-        "group": component.group,
-        "metadata": component.metadata,
-    }
-
-
-def _lower_priority(nice: int) -> None:
-    """Thread initializer: give this background thread (only it, on Linux) a lower CPU priority."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except (AttributeError, OSError) as exc:  # not on this platform: run at normal priority
-        logger.debug("io_nice not applied: %s", exc)
-
-
-def _check_args(num_io_threads: int, compression: str | None, level: int, limit: int | None, timeout_s: float, on_busy: str) -> None:
-    if not isinstance(num_io_threads, int) or num_io_threads < 1:
-        raise CheckpointConfigError(f"num_io_threads must be a positive integer, got {num_io_threads!r}")
-    if compression not in (None, "zstd"):
-        raise CheckpointConfigError(f"compression must be None or 'zstd', got {compression!r}")
-    if compression == "zstd" and not (-7 <= level <= 22):
-        raise CheckpointConfigError(f"compression_level for zstd must be in -7..22, got {level}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise CheckpointConfigError(f"save_total_limit must be None or at least 1, got {limit!r}")
-    if not timeout_s > 0:
-        raise CheckpointConfigError(f"timeout_s must be positive, got {timeout_s!r}")
-    if on_busy not in ("block", "skip"):
-        raise CheckpointConfigError(f"on_busy must be 'block' or 'skip', got {on_busy!r}")

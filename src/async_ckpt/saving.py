@@ -25,6 +25,7 @@ from .layout import trash_dirname
 from .manifest import FileEntry, build_manifest, write_manifest
 from .retention import apply_retention
 from .serialization import write_safetensors, write_torch
+from .staging import BackgroundSnapshot
 from .storage import FileSink, WrittenFile, publish_directory, remove_tree, write_file
 
 logger = logging.getLogger(__name__)
@@ -223,3 +224,11 @@ def _retain(ctx: SaveContext, job: SaveJob) -> None:
         apply_retention(ctx.output_dir, ctx.save_total_limit, ctx.protected)
     except Exception as exc:  # retention failing never fails the save that committed
         logger.error("[rank 0 step %d] retention failed: %s: %s", job.step, type(exc).__name__, exc)
+
+
+def run_after_snapshot(ctx: SaveContext, job: SaveJob, background: BackgroundSnapshot) -> None:
+    """Commit thread, overlap mode: write only once the training thread confirmed the snapshot."""
+    error = background.verdict(ctx.timeout_s)
+    if error is not None and job.failure is None:
+        job.failure = Report(rank=ctx.rank, ok=False, error=describe(error, rank=ctx.rank, step=job.step, phase="snapshot"))
+    run_job(ctx, job)
