@@ -70,7 +70,24 @@ def init_distributed(backend: str | None = None) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
 
 
-class DDPTrainer(BaseTrainer):
+class DistributedRanks:
+    """Mixin for trainers of several processes: joins the default group, keeps rank and world size."""
+
+    def _join(self, args: Any) -> None:
+        """Training thread, in ``__init__`` before ``BaseTrainer.__init__``; collective when it initialises."""
+        init_distributed(getattr(args, "backend", None) if args is not None and not isinstance(args, dict) else None)
+        self._rank, self._world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+
+class DDPTrainer(DistributedRanks, BaseTrainer):
     """Data parallel ``Trainer``: one process per device, gradients all-reduced by DDP.
 
     Construct on every rank with the same arguments (the process group is initialised from the
@@ -83,17 +100,8 @@ class DDPTrainer(BaseTrainer):
     args: DDPTrainingArguments
 
     def __init__(self, model: torch.nn.Module | None = None, args: Any = None, **kwargs: Any) -> None:
-        init_distributed(getattr(args, "backend", None) if args is not None and not isinstance(args, dict) else None)
-        self._rank, self._world = dist.get_rank(), dist.get_world_size()
+        self._join(args)
         super().__init__(model, args, **kwargs)
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
 
     def _prepare_model(self, model: torch.nn.Module | None) -> tuple[torch.nn.Module, torch.nn.Module]:
         if model is None:

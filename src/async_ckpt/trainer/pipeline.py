@@ -31,7 +31,7 @@ from .. import SharingPattern, StateComponent, ValidationLevel
 from .args import TrainingArguments
 from .base import BaseTrainer
 from .data import batch_rows, build_dataloader, to_device
-from .ddp import init_distributed
+from .ddp import DistributedRanks
 from .stage_names import FullNames, full_names
 from .pipeline_mesh import PipelineTopology
 
@@ -78,7 +78,7 @@ def default_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(output.reshape(-1, output.size(-1)), labels.reshape(-1))
 
 
-class PipelineTrainer(BaseTrainer):
+class PipelineTrainer(DistributedRanks, BaseTrainer):
     """Pipeline parallel trainer: one stage per rank, batches broadcast from rank 0.
 
     Construct on every rank with the same arguments. Pass ``model`` (built identically on every
@@ -101,19 +101,10 @@ class PipelineTrainer(BaseTrainer):
         data_collator: Callable[[list[Any]], Any] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        init_distributed(getattr(args, "backend", None) if args is not None and not isinstance(args, dict) else None)
-        self._rank, self._world = dist.get_rank(), dist.get_world_size()
+        self._join(args)
         self._splitter, self._model_init = model_splitter, model_init
         self.loss_fn = loss_fn or default_loss
         super().__init__(model, args, train_dataset=train_dataset, train_dataloader=train_dataloader, data_collator=data_collator)
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
 
     def _prepare_model(self, model: torch.nn.Module | None) -> tuple[torch.nn.Module, torch.nn.Module]:
         if model is None:
