@@ -82,13 +82,13 @@ def paired_ratios(stats: list[tuple[int, float, bool]]) -> list[float]:
     return out
 
 
-def run(mode: str, root: Path, steps: int, save_steps: int) -> dict[str, Any]:
+def run(mode: str, root: Path, steps: int, save_steps: int, io_nice: int = 0) -> dict[str, Any]:
     torch.manual_seed(0)
     model = TinyLM()
     args = TrainingArguments(
         output_dir=str(root / mode), max_steps=steps, per_device_train_batch_size=8, logging_steps=0,
         save_strategy="no" if mode == "none" else "steps", save_steps=save_steps, save_total_limit=2,
-        async_save=mode != "sync", resume_from_checkpoint=False,
+        async_save=mode != "sync", resume_from_checkpoint=False, save_io_nice=io_nice if mode == "async" else 0,
     )
     trainer = TimedTrainer(model=model, args=args, train_dataset=Tokens(8 * steps))
     trainer.cpu_times = []
@@ -154,15 +154,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--save-steps", type=int, default=25)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--io-nice", type=int, default=0, help="save_io_nice for the async run (0-19)")
     options = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="overlap_") as tmp:
-        rows = [run(mode, Path(tmp), options.steps, options.save_steps) for mode in ("none", "async", "sync")]
+        rows = [run(mode, Path(tmp), options.steps, options.save_steps, options.io_nice) for mode in ("none", "async", "sync")]
     base = rows[0]["quiet_median_ms"]
     text = table(rows, base)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text += (f"\n\nModel {rows[0]['model_mib']:.1f} MiB, checkpoint {rows[1]['checkpoint_mib']:.1f} MiB; "
-             f"{options.steps} steps, a save every {options.save_steps}; torch threads 1; {os.cpu_count()} CPUs, "
+             f"{options.steps} steps, a save every {options.save_steps}; save_io_nice {options.io_nice}; torch threads 1; {os.cpu_count()} CPUs, "
              f"load average {load:.1f} at the end. 'vs no-save run' compares the in-flight median with the median "
              "step of the run without saves; 'vs preceding quiet steps' divides each in-flight step by the median "
              "of the quiet steps just before it (robust to a machine shared with other jobs).")

@@ -43,6 +43,7 @@ class TrainingArguments:
     save_compression_level: int = 1  # zstd level (-7..22)
     save_on_busy: str = "block"  # a save while the previous one is in flight: "block" | "skip"
     save_timeout_s: float = 600.0  # a save that has not committed after this long fails
+    save_io_nice: int = 0  # 0-19: lower CPU priority for the background writers (few-core machines)
     verify_on_load: bool = True  # check every file's xxh3 before resuming from it
     handle_signals: bool = True  # SIGINT/SIGTERM stop training at the next step boundary on every rank (docs/stopping.md)
     save_on_interrupt: bool | None = None  # save the step a signal stopped at: None: on SIGTERM only; True: SIGINT too; False: never
@@ -98,6 +99,8 @@ class TrainingArguments:
         out += _choice(self, "save_on_busy", ("block", "skip"))
         if not isinstance(self.save_timeout_s, (int, float)) or not self.save_timeout_s > 0:
             out.append(f"save_timeout_s must be a number of seconds > 0, got {self.save_timeout_s!r}")
+        if not isinstance(self.save_io_nice, int) or not 0 <= self.save_io_nice <= 19:
+            out.append(f"save_io_nice must be an integer from 0 to 19, got {self.save_io_nice!r}")
         return out
 
     def manager_options(self) -> dict[str, Any]:
@@ -111,6 +114,7 @@ class TrainingArguments:
             "verify_on_load": self.verify_on_load,
             "timeout_s": float(self.save_timeout_s),
             "on_busy": self.save_on_busy,
+            "io_nice": self.save_io_nice,
         }
 
 
