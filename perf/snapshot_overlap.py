@@ -1,6 +1,6 @@
 """Overlap mode in a training loop: does copying during forward/backward shorten the saving step?
 
-``python -m perf.snapshot_overlap [--width 768 --layers 4] [--steps 120] [--every 6]``: a small
+``python -m perf.snapshot_overlap [--width 512 --layers 4] [--steps 60] [--every 4]``: a small
 transformer LM trained by a plain loop with ``torch.set_num_threads(--threads)`` (default 1),
 checkpointed with ``CheckpointManager`` three ways, each in the same process on the same model:
 
@@ -101,11 +101,11 @@ def table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--every", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="modes run interleaved this many times; medians of the rounds")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))

@@ -322,7 +322,7 @@ def frozen_identities(stateful: Any, optimizers: Iterable[Any] = ()) -> set[tupl
     if not isinstance(stateful, torch.nn.Module):
         return set()
     held = {id(p) for opt in optimizers for group in getattr(opt, "param_groups", ()) for p in group.get("params", ())}
-    return {_identity(p.detach()) for p in stateful.parameters() if not p.requires_grad and id(p) not in held}
+    return {_identity(p) for p in stateful.parameters() if not p.requires_grad and id(p) not in held}
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
