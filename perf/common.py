@@ -265,3 +265,19 @@ def bar_plot(path: Path, title: str, groups: list[str], series: dict[str, list[f
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_and_report(args: Any, name: str, run: Any, table: Any, plot: Any = None) -> dict[str, Any]:
+    """The common tail of a benchmark's ``main``: run in a temporary folder (under ``--dir``),
+    print the table, write JSON, markdown and the plot (``plot(result)`` returns the drawer)."""
+    import logging
+    import tempfile
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        result = run(args, Path(tmp))
+        info = machine(Path(tmp))
+    text = table(result)
+    print(text)
+    write_results(args.out, name, {"machine": info, **result}, text, plot(result) if plot is not None else None)
+    return result

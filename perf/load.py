@@ -15,8 +15,6 @@ optimizer_state.pt) is written, then, cold (the files' pages dropped from the pa
 from __future__ import annotations
 
 import argparse
-import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import safetensors.torch
 import torch
 
 from async_ckpt import CheckpointManager, StateComponent
-from perf.common import DTYPES, MiB, TensorDict, bar_plot, evict, machine, median, nbytes, synthetic_state, tensors_of, write_results
+from perf.common import DTYPES, MiB, TensorDict, bar_plot, evict, median, nbytes, run_and_report, synthetic_state, tensors_of
 
 
 def read_raw(directory: Path) -> int:
@@ -87,20 +85,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        result = run(args, Path(tmp))
-        info = machine(Path(tmp))
-    text = table(result)
-    print(text)
+    run_and_report(args, "load", run, table, load_plot)
+
+
+def load_plot(result: dict[str, Any]) -> Any:
+    """Bars of MiB/s per method, cold and warm cache."""
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
 
     def draw(path: Path) -> None:
         by = {(r["method"], r["cache"]): r["mib_per_s"] for r in result["rows"]}
         bar_plot(path, f"load throughput, {result['size_mib']} MiB checkpoint", methods, {c: [by.get((m, c)) for m in methods] for c in ("cold", "warm")}, "MiB/s")
 
-    write_results(args.out, "load", {"machine": info, **result}, text, draw)
-
+    return draw
 
 if __name__ == "__main__":
     main()

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 
 from async_ckpt import CheckpointManager, StateComponent
-from perf.common import DTYPES, MiB, TensorDict, bar_plot, drop_dir, machine, median, nbytes, synthetic_state, tensors_of, write_results
+from perf.common import DTYPES, MiB, TensorDict, bar_plot, drop_dir, median, nbytes, run_and_report, synthetic_state, tensors_of
 
 
 def components_for(model: torch.nn.Module, optim: dict, files: int) -> list[StateComponent]:
@@ -133,13 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        result = run(args, Path(tmp))
-        info = machine(Path(tmp))
-    text = table(result)
-    print(text)
-    write_results(args.out, "persist", {"machine": info, **result}, text, plot(result))
+    run_and_report(args, "persist", run, table, plot)
 
 
 if __name__ == "__main__":
