@@ -23,7 +23,8 @@ import safetensors.torch
 import torch
 
 from async_ckpt import CheckpointManager, StateComponent, rng_component
-from async_ckpt.cli import find_benchmarks, main
+from async_ckpt.cli import main
+from async_ckpt.cli_bench import find_benchmarks
 from async_ckpt.layout import MANIFEST_NAME
 from tests.helpers.spawn import run_ranks
 
