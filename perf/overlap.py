@@ -2,12 +2,13 @@
 
 ``python -m perf.overlap [--steps 300] [--save-steps 25]``: a small transformer language model
 (embedding, 2 ``nn.TransformerEncoder`` layers of width 256, output head; ~8 MiB of weights,
-~25 MiB per checkpoint with AdamW state) trained with ``torch.set_num_threads(1)`` three ways:
+~25 MiB per checkpoint with AdamW state) trained with ``torch.set_num_threads(1)`` these ways:
 
 * ``none``: no saves: the baseline step time;
-* ``async``: ``async_save=True``, a save every ``save_steps``: steps are split into those with
-  no save in flight and those during which a save was being written (``Trainer.step_stats``);
-  the stall is how long ``save()`` held the training thread (``Trainer.save_stalls``);
+* ``async``: ``async_save=True``, a save every ``save_steps``, one run per ``--io-threads``
+  value (default 4 and 1): steps are split into those with no save in flight and those during
+  which a save was being written (``Trainer.step_stats``); the stall is how long ``save()`` held
+  the training thread (``Trainer.save_stalls``);
 * ``sync``: ``async_save=False``: ``save()`` returns once the checkpoint committed.
 
 Step time is the time of ``training_step`` (forward, backward, optimizer step), so the
@@ -82,13 +83,13 @@ def paired_ratios(stats: list[tuple[int, float, bool]]) -> list[float]:
     return out
 
 
-def run(mode: str, root: Path, steps: int, save_steps: int, io_nice: int = 0) -> dict[str, Any]:
+def run(mode: str, root: Path, steps: int, save_steps: int, io_nice: int = 0, io_threads: int = 4) -> dict[str, Any]:
     torch.manual_seed(0)
     model = TinyLM()
     args = TrainingArguments(
         output_dir=str(root / mode), max_steps=steps, per_device_train_batch_size=8, logging_steps=0,
         save_strategy="no" if mode == "none" else "steps", save_steps=save_steps, save_total_limit=2,
-        async_save=mode != "sync", resume_from_checkpoint=False, save_io_nice=io_nice if mode == "async" else 0,
+        async_save=mode != "sync", resume_from_checkpoint=False, save_io_nice=io_nice if mode == "async" else 0, save_io_threads=io_threads,
     )
     trainer = TimedTrainer(model=model, args=args, train_dataset=Tokens(8 * steps))
     trainer.cpu_times = []
@@ -100,7 +101,8 @@ def run(mode: str, root: Path, steps: int, save_steps: int, io_nice: int = 0) ->
     ratios = paired_ratios(warm)
     stalls = [sec for step, sec in trainer.save_stalls if step != save_steps and step != steps]
     return {
-        "mode": mode,
+        "mode": mode if mode != "async" else f"async, {io_threads} io thread{'s' if io_threads > 1 else ''}",
+        "io_threads": io_threads,
         "model_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "checkpoint_mib": _size(root / mode) / 2**20 / max(1, len(list((root / mode).glob("checkpoint-*")))),
         "steps_quiet": len(quiet), "steps_in_flight": len(busy),
@@ -155,10 +157,14 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=25)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--io-nice", type=int, default=0, help="save_io_nice for the async run (0-19)")
+    parser.add_argument("--io-threads", default="4,1", help="save_io_threads of the async runs, one row each (comma separated)")
     options = parser.parse_args()
     torch.set_num_threads(1)
+    threads = [int(n) for n in options.io_threads.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="overlap_") as tmp:
-        rows = [run(mode, Path(tmp), options.steps, options.save_steps, options.io_nice) for mode in ("none", "async", "sync")]
+        rows = [run("none", Path(tmp) / "none", options.steps, options.save_steps)]
+        rows += [run("async", Path(tmp) / f"async{n}", options.steps, options.save_steps, options.io_nice, n) for n in threads]
+        rows.append(run("sync", Path(tmp) / "sync", options.steps, options.save_steps))
     base = rows[0]["quiet_median_ms"]
     text = table(rows, base)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from . import faults
 from .commit import CommitChannel, Report
-from .config import check_args, check_incremental, coordination_group, describe_component, lower_priority
+from .config import check_args, check_incremental, coordination_group, default_io_threads, describe_component, lower_priority
 from .components import StateComponent, ValidationLevel, check_components
 from .draining import _OPEN, drain_at_exit, log_drained, steps_text
 from .errors import (
@@ -43,7 +43,6 @@ from .validation import validate_replication
 logger = logging.getLogger(__name__)
 
 
-
 class CheckpointManager:
     """Saves and loads a list of ``StateComponent``s under ``output_dir``.
 
@@ -61,6 +60,9 @@ class CheckpointManager:
     ``verify_incremental=True`` compares the skipped bytes and fails the save on a violation (a
     debug mode: it reads them all). See docs/performance.md.
 
+    ``num_io_threads``: files written at once by this rank; default one less than the cores this
+    process may run on, from 1 to 4, so a save in flight leaves a core to the training thread.
+
     ``io_nice`` (0-19): run the I/O and commit threads at a lower CPU priority, so that on a
     machine with few cores a save in flight takes less CPU from training (saves take longer).
     """
@@ -73,7 +75,7 @@ class CheckpointManager:
         async_save: bool = True,
         process_group: Any = None,
         process_groups: Mapping[str, Any] | None = None,
-        num_io_threads: int = 4,
+        num_io_threads: int | None = None,
         compression: str | None = None,
         compression_level: int = 1,
         save_total_limit: int | None = None,
@@ -87,6 +89,7 @@ class CheckpointManager:
         verify_incremental: bool = False,
         io_nice: int = 0,
     ) -> None:
+        num_io_threads = default_io_threads() if num_io_threads is None else num_io_threads
         check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
         self.output_dir = Path(output_dir)
         self.components = list(components)

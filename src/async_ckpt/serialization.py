@@ -8,7 +8,6 @@ thread (read).
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -21,6 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from . import torchfile
 from .errors import CheckpointCorruptError, CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -154,45 +154,17 @@ def check_plain(state: Any, *, component: str, path: str = "") -> None:
 def write_torch(sink: Any, state: Any, *, component: str = "?") -> None:
     """``torch.save`` a state made of plain containers and tensors into ``sink``.
 
-    The zip records are written without torch's CRC32: ``torch.load`` never checks it, the
-    manifest's xxh3 already covers every byte, and at ~2 GB/s it was the largest CPU cost of
-    writing an optimizer file (and it runs with the GIL handed back and forth per record).
-    Falls back to a plain ``torch.save`` on a torch whose zip writer cannot be built that way.
+    Written by ``torchfile.save`` (the same format, without CRC32 and with far less Python per
+    tensor, which matters because the training thread waits for the GIL meanwhile); plain
+    ``torch.save`` where this torch's zip writer differs or a tensor is not a dense CPU one.
     """
     check_plain(state, component=component)
-    if _zip_writer_takes_crc_flag():
-        _save_zip(state, sink, compute_crc32=False)
-    else:
-        torch.save(state, sink)
-
-
-def _save_zip(state: Any, sink: Any, *, compute_crc32: bool) -> None:
-    """What ``torch.save(state, sink)`` does, with the CRC32 choice made for this file only.
-
-    ``torch.serialization.set_crc32_options`` is process-wide: flipping it here would change a
-    ``torch.save`` the user runs on another thread at the same moment.
-    """
-    writer = torch._C.PyTorchFileWriter(sink, compute_crc32, torch.serialization._get_storage_alignment())
-    torch.serialization._save(state, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
-    writer.write_end_of_file()
-    sink.flush()
-
-
-@functools.cache
-def _zip_writer_takes_crc_flag() -> bool:
-    """Whether this torch's private zip writer works as ``_save_zip`` uses it (checked once).
-
-    A round trip through ``torch.load`` proves it; any error means "use ``torch.save``".
-    """
-    try:
-        buffer = io.BytesIO()
-        probe = {"t": torch.arange(3, dtype=torch.float32), "n": 1}
-        _save_zip(probe, buffer, compute_crc32=False)
-        back = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-        return back["n"] == 1 and torch.equal(back["t"], probe["t"])
-    except Exception as exc:  # an older or newer torch: the public path still works
-        logger.debug("torch zip writer without CRC32 unavailable (%s: %s); using torch.save", type(exc).__name__, exc)
-        return False
+    if torchfile.writer_available():
+        try:
+            return torchfile.save(state, sink)
+        except torchfile.Unsupported as exc:  # raised before anything is written
+            logger.debug("component %r: %s; writing it with torch.save", component, exc)
+    torch.save(state, sink)
 
 
 def read_torch(data: bytes, *, path: Any = None) -> Any:

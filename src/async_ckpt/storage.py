@@ -26,6 +26,7 @@ from .layout import TMP_SUFFIX
 logger = logging.getLogger(__name__)
 
 CHUNK = 16 << 20  # bytes handed to hash/compress/write at a time
+SMALL = 64 << 10  # writes below this are gathered into one buffer before they are emitted
 CODECS = (None, "zstd")
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages in the range, do not wait
 
@@ -67,34 +68,53 @@ class FileSink:
     """A write-only file object that hashes, optionally compresses, and writes to a descriptor.
 
     Accepts anything with the buffer protocol; large buffers (tensor views) are written in
-    ``CHUNK`` slices straight from memory, without an intermediate copy. Used by one I/O thread
-    at a time; xxhash, zstd and ``os.write`` release the GIL on large buffers.
+    ``CHUNK`` slices straight from memory, without an intermediate copy. Small writes (a zip
+    writer's record headers, small tensors) are gathered and emitted together: each emit is a
+    hash update and a system call that hands the GIL to the training thread and back, and a
+    torch file of a few hundred tensors made a thousand of them. Used by one I/O thread at a
+    time; xxhash, zstd and ``os.write`` release the GIL on large buffers.
     """
 
     def __init__(self, fd: int, codec: str | None = None, level: int = 1) -> None:
         self._fd = fd
         self._hash = xxhash.xxh3_64()
         self._compressor = zstandard.ZstdCompressor(level=level).compressobj() if codec == "zstd" else None
+        self._small = bytearray()  # small writes not yet emitted
         self.size = 0
         self.os_error: OSError | None = None  # the disk's own error, kept: torch.save hides it
         self._kicked = 0  # bytes whose writeback has been started (see _emit)
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), CHUNK):
-            chunk = view[start : start + CHUNK]
-            self._emit(self._compressor.compress(chunk) if self._compressor else chunk)
+        if len(view) < SMALL:
+            self._small += view
+            if len(self._small) >= SMALL:
+                self._drain()
+            return len(view)
+        self._drain()
+        self._put(view)
         return len(view)
 
     def flush(self) -> None:
         """Nothing to do: bytes go to the descriptor as they arrive (``close`` ends the stream)."""
 
     def close(self) -> str:
-        """End the compressed stream and return the hex digest of everything written."""
+        """Emit what is gathered, end the compressed stream, return the hex digest of it all."""
+        self._drain()
         if self._compressor is not None:
             self._emit(self._compressor.flush())
             self._compressor = None
         return self._hash.hexdigest()
+
+    def _drain(self) -> None:
+        if self._small:
+            gathered, self._small = self._small, bytearray()
+            self._put(memoryview(gathered))
+
+    def _put(self, view: memoryview) -> None:
+        for start in range(0, len(view), CHUNK):
+            chunk = view[start : start + CHUNK]
+            self._emit(self._compressor.compress(chunk) if self._compressor else chunk)
 
     def _emit(self, data: Any) -> None:
         if not len(data):

@@ -795,3 +795,15 @@ def test_by_rank_groups_identical_messages():
     assert by_rank([["m"], ["m"], ["x"], ["m"], []]) == ["rank(s) 0-1, 3: m", "rank(s) 2: x"]
     assert by_rank([[], []]) == []
     assert by_rank([["a", "b"]]) == ["rank(s) 0: a", "rank(s) 0: b"]
+
+
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (3, 2), (5, 4), (64, 4)])
+def test_default_io_threads_leave_a_core_to_training(monkeypatch, tmp_path, cores, expected):
+    from async_ckpt import config
+
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert config.default_io_threads() == expected
+    with CheckpointManager(tmp_path, [StateComponent("model", torch.nn.Linear(2, 2), required=True)]) as mgr:
+        assert mgr._io._max_workers == expected
+    with pytest.raises(CheckpointConfigError, match="num_io_threads"):
+        CheckpointManager(tmp_path, [StateComponent("model", torch.nn.Linear(2, 2), required=True)], num_io_threads=0)

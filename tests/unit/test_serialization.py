@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from async_ckpt import serialization
+from async_ckpt import torchfile
 from async_ckpt.errors import CheckpointCorruptError, CheckpointError
 from async_ckpt.serialization import (
     ALIASES_KEY,
@@ -246,18 +246,18 @@ def test_torch_file_falls_back_to_torch_save_where_the_writer_differs(monkeypatc
         def __init__(self, *args):
             raise TypeError("incompatible constructor arguments")
 
-    serialization._zip_writer_takes_crc_flag.cache_clear()
+    torchfile.writer_available.cache_clear()
     monkeypatch.setattr(torch._C, "PyTorchFileWriter", _OtherWriter)
     try:
-        assert not serialization._zip_writer_takes_crc_flag()
+        assert not torchfile.writer_available()
         monkeypatch.undo()  # torch.save itself needs the real writer
         sink = _Bytes()
         write_torch(sink, {"w": torch.arange(5)})
         assert torch.equal(read_torch(sink.buf.getvalue())["w"], torch.arange(5))
         assert any(crc != 0 for crc, _ in _zip_entries(sink.buf.getvalue()).values())  # torch.save's CRC
     finally:
-        serialization._zip_writer_takes_crc_flag.cache_clear()
-    assert serialization._zip_writer_takes_crc_flag()
+        torchfile.writer_available.cache_clear()
+    assert torchfile.writer_available()
 
 
 class _Evil:

@@ -38,7 +38,7 @@ class TrainingArguments:
     save_safetensors: bool = True  # model as model.safetensors; False: model.pt (torch.save)
     resume_from_checkpoint: Union[bool, str, "os.PathLike[str]"] = True  # True: newest or fresh; path: that one; False: fresh
     async_save: bool = True  # write checkpoints in the background while training goes on
-    save_io_threads: int = 4  # background writer threads per rank
+    save_io_threads: int | None = None  # background writer threads per rank; None: cores - 1, from 1 to 4
     save_compression: str | None = None  # None | "zstd"
     save_compression_level: int = 1  # zstd level (-7..22)
     save_on_busy: str = "block"  # a save while the previous one is in flight: "block" | "skip"
@@ -65,7 +65,7 @@ class TrainingArguments:
             out.append(f"max_steps must be a positive integer, or -1 to train num_train_epochs epochs; got {self.max_steps!r}")
         if self.max_steps == -1 and (not _is_int(self.num_train_epochs) or self.num_train_epochs < 1):
             out.append(f"num_train_epochs must be a positive integer when max_steps is -1; got {self.num_train_epochs!r}")
-        out += _positive(self, "per_device_train_batch_size", "save_io_threads")
+        out += _positive(self, "per_device_train_batch_size", *(["save_io_threads"] if self.save_io_threads is not None else []))
         out += _non_negative_int(self, "warmup_steps", "logging_steps", "dataloader_num_workers", "seed")
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or self.learning_rate < 0:
             out.append(f"learning_rate must be a number >= 0, got {self.learning_rate!r}")
