@@ -98,9 +98,11 @@ def sync_method(fn: Callable[[int], None], path: Path) -> Method:
 # ------------------------------------------------------------------------------------ methods
 
 
-def open_async_ckpt(root: Path, model: torch.nn.Module, optim: dict, *, prepare: bool, incremental: bool = False, name: str = "async_ckpt") -> Method:
+def open_async_ckpt(root: Path, model: torch.nn.Module, optim: dict, *, prepare: bool, incremental: bool = False, name: str = "async_ckpt", io_threads: int | None = None) -> Method:
     comps = [StateComponent("model", model, required=True), StateComponent("optimizer", TensorDict(optim))]
-    kwargs = {"incremental": ["model"]} if incremental else {}
+    kwargs: dict[str, Any] = {"incremental": ["model"]} if incremental else {}
+    if io_threads is not None:
+        kwargs["num_io_threads"] = io_threads
     mgr = CheckpointManager(root / name, comps, **kwargs)  # no retention thread: cleanup() deletes, untimed
     prepare_s = timed(mgr.prepare) if prepare else 0.0
     method = Method(lambda i: mgr.save(i).wait, prepare_s=prepare_s, cleanup=lambda: [drop_dir(p) for p in (root / name).glob("checkpoint-*")])
@@ -189,6 +191,7 @@ def open_dcp(root: Path, state: dict, mode: str) -> Method:
 METHODS = ["async_ckpt", "async_ckpt_cold", "torch_save", "safetensors", "raw_write", "dcp_save", "dcp_async_default", "dcp_async_reused"]
 CUDA_METHODS = ["dcp_async_pinned", "dcp_async_cached"]
 LORA_METHODS = ["async_ckpt", "async_ckpt_incremental", "dcp_async_reused"]
+IO_METHODS = {f"async_ckpt_io{n}": n for n in (1, 2, 4)}  # async_ckpt with that many I/O threads (default: cores - 1, 1 to 4)
 
 
 def open_method(name: str, root: Path, model: torch.nn.Module, optim: dict, tensors: list[torch.Tensor]) -> Method:
@@ -199,6 +202,8 @@ def open_method(name: str, root: Path, model: torch.nn.Module, optim: dict, tens
         return open_async_ckpt(root, model, optim, prepare=False, name=name)
     if name == "async_ckpt_incremental":
         return open_async_ckpt(root, model, optim, prepare=True, incremental=True, name=name)
+    if name in IO_METHODS:
+        return open_async_ckpt(root, model, optim, prepare=True, name=name, io_threads=IO_METHODS[name])
     if name == "torch_save":
         return open_torch_save(root, state)
     if name == "safetensors":
@@ -295,6 +300,7 @@ LABELS = {
     "safetensors": "safetensors+fsync", "raw_write": "raw write+fsync", "dcp_save": "DCP save", "dcp_async_default": "DCP async_save",
     "dcp_async_reused": "DCP async_save reused stager", "dcp_async_pinned": "DCP async_save pinned stager",
     "dcp_async_cached": "DCP BlockingAsyncStager(cache)", "async_ckpt_incremental": "async_ckpt incremental",
+    **{name: f"async_ckpt, {n} io thread{'s' if n > 1 else ''}" for name, n in IO_METHODS.items()},
 }
 
 
@@ -403,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the state lives (cuda: pinned device-to-host)")
     parser.add_argument("--repeat", type=int, default=5, help="steady saves per method, after the first")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS + CUDA_METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS + CUDA_METHODS + list(IO_METHODS))}")
     parser.add_argument("--lora", type=float, default=0.9, help="frozen share for the LoRA-style table (0 to skip it)")
     parser.add_argument("--lora-sizes", default="512,2048", help="state sizes in MiB for the LoRA-style table")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))

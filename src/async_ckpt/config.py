@@ -1,19 +1,17 @@
 """Checks on ``CheckpointManager``'s arguments, and the small pieces of set-up built from them.
 
-Pure functions, called on the training thread at manager construction (``coordination_group``
-is collective when it must create a group).
+Called on the training thread at manager construction; ``lower_priority`` is the initializer
+of the background threads.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .components import StateComponent
 from .errors import CheckpointConfigError
@@ -65,14 +63,6 @@ def check_incremental(components: Sequence[StateComponent], keys: Sequence[str])
                 "only a module's frozen parameters can be left in place"
             )
     return frozenset(keys)
-
-
-def coordination_group(process_group: Any, timeout_s: float) -> Any:
-    """A gloo group over the manager's ranks, used only by the training thread (invariant 5)."""
-    group = process_group or dist.group.WORLD
-    if dist.get_backend(group) == "gloo":
-        return group
-    return dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def describe_component(component: StateComponent) -> dict[str, Any]:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from . import faults
 from .commit import CommitChannel, Report
-from .config import check_args, check_incremental, coordination_group, default_io_threads, describe_component, lower_priority
+from .config import check_args, check_incremental, default_io_threads, describe_component, lower_priority
+from .coordination import Coordinator, coordination_group
 from .components import StateComponent, ValidationLevel, check_components
 from .draining import _OPEN, drain_at_exit, log_drained, steps_text
 from .errors import (
@@ -37,7 +38,7 @@ from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups
 from .retention import clean_leftovers
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_after_snapshot, run_job
 from .staging import BackgroundSnapshot, StagingPool, frozen_identities
-from .topology import Topology, group_places
+from .topology import Topology
 from .validation import validate_replication
 
 logger = logging.getLogger(__name__)
@@ -103,14 +104,14 @@ class CheckpointManager:
         check_components(self.components, list(process_groups))
         self._incremental = check_incremental(self.components, incremental)
         distributed = dist.is_available() and dist.is_initialized()
-        self._coord = coordination_group(process_group, self.timeout_s) if distributed else None
-        self._world_ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD) if distributed else [0]
+        world_ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD) if distributed else [0]
+        self._peers = Coordinator(coordination_group(process_group, self.timeout_s) if distributed else None, world_ranks)
         if mesh is not None:
-            check_mesh_ranks(mesh, self._world_ranks)
+            check_mesh_ranks(mesh, world_ranks)
         base = Topology.detect(process_group)
-        places = self._group_places(process_groups, base.rank) if process_groups else {}
+        places = self._peers.places(process_groups, base.rank) if process_groups else {}
         self.topology = Topology(base.rank, base.world_size, base.local_rank, base.node, places)
-        self.run_id = self._start(distributed)
+        self.run_id = self._start()
         store = dist.PrefixStore(f"async_ckpt/{self.run_id}/", dist.distributed_c10d._get_default_store()) if distributed else dist.HashStore()
         self._pool = StagingPool(pin_memory, verify_incremental=verify_incremental)
         self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-copy")  # overlap mode
@@ -240,7 +241,7 @@ class CheckpointManager:
         return tasks, None, background
 
     def _validate(self, step: int) -> None:
-        if self._coord is None or self.topology.world_size == 1:
+        if self._peers.group is None or self.topology.world_size == 1:
             return
         for component in self.components:
             if component.validation is ValidationLevel.NONE:
@@ -249,18 +250,13 @@ class CheckpointManager:
                 state = component.stateful.state_dict()
             except Exception as exc:  # still take part in the collective, so no rank hangs
                 state = {"__state_dict_failed__": f"{type(exc).__name__}: {exc}"}
-            validate_replication(component.key, state, component.validation, self._coord, rank=self.topology.rank, step=step)
+            validate_replication(component.key, state, component.validation, self._peers.group, rank=self.topology.rank, step=step)
 
     def _busy_decision(self) -> bool:
         """With ``on_busy="skip"``: whether any rank still holds the buffers (agreed by all)."""
         if self.on_busy != "skip" or self._last is None:
             return False
-        busy = not self._last._released.is_set()
-        if self._coord is None:
-            return busy
-        flags: list[Any] = [None] * self.topology.world_size
-        dist.all_gather_object(flags, busy, group=self._coord)
-        return any(flags)
+        return self._peers.any(not self._last._released.is_set())
 
     # ----------------------------------------------------------------------------------- wait
 
@@ -335,7 +331,7 @@ class CheckpointManager:
         A trainer may run its own small collectives on it from the training thread, in the same
         order on every rank (``trainer/control.py`` agrees there on when to stop).
         """
-        return self._coord
+        return self._peers.group
 
     # ----------------------------------------------------------------------------------- load
 
@@ -366,12 +362,12 @@ class CheckpointManager:
         self.wait()
         return load_checkpoint(
             self.output_dir, self.components, self.topology, checkpoint=checkpoint, strict=strict,
-            verify=self.verify_on_load, mesh=self.metadata.get("mesh"), gather=self._gather, broadcast=self._broadcast,
+            verify=self.verify_on_load, mesh=self.metadata.get("mesh"), gather=self._peers.gather, broadcast=self._peers.broadcast,
         )
 
     # ----------------------------------------------------------------------------------- internals
 
-    def _start(self, distributed: bool) -> str:
+    def _start(self) -> str:
         """Rank 0 cleans leftovers of earlier runs, then every rank learns this run's id."""
         run_id = uuid.uuid4().hex[:12]
         if self.topology.is_rank0:
@@ -382,29 +378,7 @@ class CheckpointManager:
                     "[rank 0] removed %d leftover(s) of interrupted saves or deletions: %s",
                     len(self.removed_leftovers), ", ".join(p.name for p in self.removed_leftovers),
                 )
-        return self._broadcast(run_id) if distributed else run_id
-
-    def _group_places(self, groups: Mapping[str, Any], rank: int) -> dict:
-        mine = {}
-        for name, group in groups.items():
-            members = dist.get_process_group_ranks(group)
-            mine[name] = tuple(self._world_ranks.index(m) for m in members)
-        gathered = self._gather(mine)
-        return group_places({name: [g[name] for g in gathered] for name in groups}, rank)
-
-    def _broadcast(self, obj: Any) -> Any:
-        if self._coord is None:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=self._world_ranks[0], group=self._coord)
-        return box[0]
-
-    def _gather(self, obj: Any) -> list[Any]:
-        if self._coord is None:
-            return [obj]
-        out: list[Any] = [None] * dist.get_world_size(self._coord)
-        dist.all_gather_object(out, obj, group=self._coord)
-        return out
+        return self._peers.broadcast(run_id)
 
     def _raise_unobserved(self) -> None:
         """Raise the oldest finished save's failure that nobody has seen; forget settled saves."""

@@ -75,6 +75,7 @@ def main(argv: list[str]) -> None:
         args = DDPTrainingArguments(
             output_dir=out, max_steps=TOTAL, per_device_train_batch_size=4, save_steps=opts.save_steps, learning_rate=1e-2,
             logging_steps=0, save_timeout_s=60, save_on_interrupt=save_on_interrupt, interrupt_grace_s=opts.grace, control_poll_s=0,
+            save_io_threads=4,  # the tests' timing model: --stall S per file, 4 files at once (not the machine's default)
         )
         trainer = Child(model=new_model(seed), args=args, train_dataset=RegressionData())
         try:

@@ -6,14 +6,12 @@ import io
 import json
 import os
 import struct
-import zipfile
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from async_ckpt import torchfile
 from async_ckpt.errors import CheckpointCorruptError, CheckpointError
 from async_ckpt.serialization import (
     ALIASES_KEY,
@@ -211,53 +209,6 @@ def test_torch_round_trip_with_plain_containers():
     assert loaded["param_groups"] == state["param_groups"]
     assert torch.equal(loaded["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
     assert loaded["bf16"].dtype is torch.bfloat16
-
-
-def _zip_entries(data: bytes) -> dict[str, tuple[int, bytes]]:
-    """{record name: (CRC32 field, bytes)} of a torch file; zipfile's own CRC check is skipped."""
-    entries = {}
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for info in archive.infolist():
-            crc, info.CRC = info.CRC, None  # zipfile checks CRC32 only when the entry has one
-            if not info.filename.endswith("serialization_id"):
-                entries[info.filename.split("/", 1)[1]] = (crc, archive.open(info).read())
-    return entries
-
-
-def test_torch_file_has_torch_save_records_without_crc32():
-    """Same records as ``torch.save`` (so ``torch.load`` and our reader see the same state), with
-    no CRC32 computed: the manifest's xxh3 covers the bytes, and torch.load never checks it."""
-    state = {"state": {i: {"exp_avg": torch.randn(64), "step": torch.tensor(2.0)} for i in range(3)}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}]}
-    ours, theirs = _Bytes(), io.BytesIO()
-    write_torch(ours, state)
-    torch.save(state, theirs)
-    mine, stock = _zip_entries(ours.buf.getvalue()), _zip_entries(theirs.getvalue())
-    assert {name: data for name, (_, data) in mine.items()} == {name: data for name, (_, data) in stock.items()}
-    assert all(crc == 0 for crc, _ in mine.values()) and any(crc != 0 for crc, _ in stock.values())
-    loaded = torch.load(io.BytesIO(ours.buf.getvalue()), weights_only=True)
-    assert torch.equal(loaded["state"][2]["exp_avg"], state["state"][2]["exp_avg"])
-    assert torch.serialization.get_crc32_options()  # the process-wide switch was never touched
-
-
-def test_torch_file_falls_back_to_torch_save_where_the_writer_differs(monkeypatch):
-    """A torch whose private zip writer takes other arguments: plain torch.save, same state back."""
-
-    class _OtherWriter:
-        def __init__(self, *args):
-            raise TypeError("incompatible constructor arguments")
-
-    torchfile.writer_available.cache_clear()
-    monkeypatch.setattr(torch._C, "PyTorchFileWriter", _OtherWriter)
-    try:
-        assert not torchfile.writer_available()
-        monkeypatch.undo()  # torch.save itself needs the real writer
-        sink = _Bytes()
-        write_torch(sink, {"w": torch.arange(5)})
-        assert torch.equal(read_torch(sink.buf.getvalue())["w"], torch.arange(5))
-        assert any(crc != 0 for crc, _ in _zip_entries(sink.buf.getvalue()).values())  # torch.save's CRC
-    finally:
-        torchfile.writer_available.cache_clear()
-    assert torchfile.writer_available()
 
 
 class _Evil:

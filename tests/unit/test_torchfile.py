@@ -95,3 +95,24 @@ def test_one_storage_as_two_dtypes_is_refused_like_torch_save():
         torchfile.save(state, _Sink())
     with pytest.raises(RuntimeError, match="different types"):
         write_torch(_Sink(), state)  # the fallback: torch.save's own error
+
+
+def test_torch_file_falls_back_to_torch_save_where_the_writer_differs(monkeypatch):
+    """A torch whose private zip writer takes other arguments: plain torch.save, same state back."""
+
+    class _OtherWriter:
+        def __init__(self, *args):
+            raise TypeError("incompatible constructor arguments")
+
+    torchfile.writer_available.cache_clear()
+    monkeypatch.setattr(torch._C, "PyTorchFileWriter", _OtherWriter)
+    try:
+        assert not torchfile.writer_available()
+        monkeypatch.undo()  # torch.save itself needs the real writer
+        sink = _Sink()
+        write_torch(sink, {"w": torch.arange(5)})
+        assert torch.equal(read_torch(sink.buf.getvalue())["w"], torch.arange(5))
+        assert any(crc != 0 for crc, _ in _records(sink.buf.getvalue()).values())  # torch.save's CRC
+    finally:
+        torchfile.writer_available.cache_clear()
+    assert torchfile.writer_available()
