@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise CliError(f"{path} is a run directory, not a checkpoint; inspect one of its checkpoints, e.g. {newest}")
     manifest = read_manifest(path)
     if args.json:
-        print(json.dumps(asdict(manifest), indent=2))
+        print(manifest.to_json())
         return 0
     total = sum(f.size for f in manifest.files.values())
     print(f"{path}: step {manifest.step}, world size {manifest.world_size}, {len(manifest.files)} files, {human(total)}")

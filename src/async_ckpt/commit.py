@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointSaveError, CheckpointTimeoutError, ReplicationValidationError
@@ -80,7 +80,7 @@ class CommitChannel:
         be read. Then this rank deletes its report of the save before, which rank 0 read before it
         published that save's outcome (every rank reports ``seq`` only after that outcome).
         """
-        self._store.set(f"{seq}/report/{self.rank}", json.dumps(asdict(report)))
+        self._store.set(f"{seq}/report/{self.rank}", json.dumps(vars(report)))
         self._store.add(f"{seq}/reported", 1)
         self._delete([f"{seq - 1}/report/{self.rank}"] if seq > 0 else [])
 
@@ -112,7 +112,7 @@ class CommitChannel:
         reports of ``seq`` are in, nobody reads ``seq - 1``'s keys again. (Each rank deletes its
         own old report in ``report``, so this costs two deletes whatever the world size.)
         """
-        self._store.set(f"{seq}/outcome", json.dumps(asdict(outcome)))
+        self._store.set(f"{seq}/outcome", json.dumps(vars(outcome)))
         self._forget(seq - 1)
 
     def outcome(self, seq: int, timeout_s: float) -> Outcome:

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,7 @@ def _write_all(ctx: SaveContext, job: SaveJob) -> Report:
                 error = describe(f"{type(exc).__name__}: {exc}", rank=ctx.rank, step=job.step, component=task.component.key, phase="write", path=job.staging / task.name)
             continue
         entry = FileEntry(size=written.size, xxh3=written.xxh3, codec=written.codec, rank=ctx.rank, component=task.component.key, slot=task.slot)
-        files[written.name] = asdict(entry)
+        files[written.name] = dict(vars(entry))
     if error:
         return Report(rank=ctx.rank, ok=False, error=error)
     nbytes = sum(f["size"] for f in files.values())

@@ -75,6 +75,12 @@ def test_round_trip(tmp_path):
     assert check_files(directory, read) == ([], [])
 
 
+def test_json_is_the_whole_dataclass_tree(tmp_path):
+    """``to_json``'s shallow conversion writes exactly what ``dataclasses.asdict`` would."""
+    _, manifest = _checkpoint(tmp_path)
+    assert manifest.to_json() == json.dumps(asdict(manifest), indent=2)
+
+
 def test_str_path_accepted(tmp_path):
     directory, manifest = _checkpoint(tmp_path)
     assert read_manifest(str(directory)) == manifest
