@@ -137,15 +137,16 @@ def table(rows: list[dict[str, Any]], base_median: float) -> str:
         return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
     lines = [
-        "| mode | steps quiet / in flight | quiet median ms (p99) | in-flight median ms (p99) | in-flight vs no-save run | in-flight vs preceding quiet steps, median (p90) | training-thread CPU ms quiet / in flight | save() stall ms median (max) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | steps quiet / in flight | quiet median ms (p99) | in-flight median ms (p99) | in-flight vs quiet steps, same run | in-flight vs preceding quiet steps, median (p90) | in-flight vs no-save run | training-thread CPU ms quiet / in flight | save() stall ms median (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{100 * (r['in_flight_median_ms'] / base_median - 1):+.1f}%" if r["in_flight_median_ms"] else "-"
+        same = f"{100 * (r['in_flight_median_ms'] / r['quiet_median_ms'] - 1):+.1f}%" if r["in_flight_median_ms"] else "-"
         paired = f"{100 * (r['paired_ratio_median'] - 1):+.1f}% ({100 * (r['paired_ratio_p90'] - 1):+.1f}%)" if r["paired_ratio_median"] else "-"
         lines.append(
             f"| {r['mode']} | {r['steps_quiet']} / {r['steps_in_flight']} | {cell(r['quiet_median_ms'])} ({cell(r['quiet_p99_ms'])}) | "
-            f"{cell(r['in_flight_median_ms'])} ({cell(r['in_flight_p99_ms'])}) | {ratio} | {paired} | "
+            f"{cell(r['in_flight_median_ms'])} ({cell(r['in_flight_p99_ms'])}) | {same} | {paired} | {ratio} | "
             f"{cell(r['quiet_cpu_median_ms'])} / {cell(r['in_flight_cpu_median_ms'])} | {cell(r['save_stall_median_ms'])} ({cell(r['save_stall_max_ms'])}) |"
         )
     return "\n".join(lines)
@@ -165,17 +166,24 @@ def main() -> None:
         rows = [run("none", Path(tmp) / "none", options.steps, options.save_steps)]
         rows += [run("async", Path(tmp) / f"async{n}", options.steps, options.save_steps, options.io_nice, n) for n in threads]
         rows.append(run("sync", Path(tmp) / "sync", options.steps, options.save_steps))
-    base = rows[0]["quiet_median_ms"]
-    text = table(rows, base)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    text += (f"\n\nModel {rows[0]['model_mib']:.1f} MiB, checkpoint {rows[1]['checkpoint_mib']:.1f} MiB; "
-             f"{options.steps} steps, a save every {options.save_steps}; save_io_nice {options.io_nice}; torch threads 1; {os.cpu_count()} CPUs, "
-             f"load average {load:.1f} at the end. 'vs no-save run' compares the in-flight median with the median "
-             "step of the run without saves; 'vs preceding quiet steps' divides each in-flight step by the median "
-             "of the quiet steps just before it (robust to a machine shared with other jobs).")
+    results = {"machine": machine(), "load_average": load, "steps": options.steps, "save_steps": options.save_steps, "io_nice": options.io_nice, "rows": rows}
+    text = report(results)
     print(text)
-    write_results(options.out, "overlap", {"machine": machine(), "load_average": load, "steps": options.steps, "save_steps": options.save_steps, "rows": rows}, text)
+    write_results(options.out, "overlap", results, text)
 
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown table and its notes, from a run's results (``perf/results/overlap.json``)."""
+    rows = results["rows"]
+    return table(rows, rows[0]["quiet_median_ms"]) + (
+        f"\n\nModel {rows[0]['model_mib']:.1f} MiB, checkpoint {rows[1]['checkpoint_mib']:.1f} MiB; "
+        f"{results['steps']} steps, a save every {results['save_steps']}; save_io_nice {results.get('io_nice', 0)}; torch threads 1; "
+        f"{results['machine'].get('cpus', os.cpu_count())} CPUs, load average {results['load_average']:.1f} at the end. 'Same run' compares the "
+        "in-flight median with the median of the steps of that run with no save in flight; 'preceding quiet steps' divides each "
+        "in-flight step by the median of the quiet steps just before it (both robust to a machine whose speed drifts between runs); "
+        "'vs no-save run' compares with the median step of the run without saves, minutes earlier (not robust to that drift)."
+    )
 
 if __name__ == "__main__":
     main()
