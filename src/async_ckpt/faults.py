@@ -18,7 +18,7 @@ from typing import Any
 
 POINTS = (
     "after_snapshot",  # training thread, once the copy is taken
-    "mid_write",  # I/O thread, after the first bytes of a file
+    "mid_write",  # I/O thread, after the first write to a file (small writes may still be gathered in memory)
     "before_fsync",  # I/O thread, file written, not yet durable
     "before_rename",  # I/O thread, file durable under its temporary name
     "before_report",  # commit thread, all files written, before telling rank 0
