@@ -144,7 +144,7 @@ def test_custom_components_are_saved_and_restored(tmp_path: Path) -> None:
 
 def test_a_failed_save_is_logged_and_training_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     class Flaky(CustomTrainer):
-        fail_on = (1,)  # the snapshot of the first save (step 5) fails
+        fail_on = (2,)  # call 1: the buffers allocated after step 1; call 2: the first save (step 5) fails
 
     trainer, output = _train(tmp_path, cls=Flaky, max_steps=15)
     assert output.global_step == 15 and output.last_checkpoint == tmp_path / "checkpoint-15"
@@ -155,7 +155,7 @@ def test_a_failed_save_is_logged_and_training_goes_on(tmp_path: Path, caplog: py
 
 def test_a_failed_final_save_raises(tmp_path: Path) -> None:
     class FailsLast(CustomTrainer):
-        fail_on = (2,)  # step 5 commits, the final save (step 7) fails
+        fail_on = (3,)  # call 1: buffers allocated after step 1; step 5 commits; the final save (step 7) fails
 
     with pytest.raises(CheckpointSaveError, match="injected failure"):
         _train(tmp_path, cls=FailsLast, max_steps=7)
@@ -190,3 +190,33 @@ def test_skipping_busy_saves_never_skips_the_final_one(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint-12" / "checkpoint_manifest.json").exists()
     steps = [step for step, _ in trainer.save_stalls]
     assert steps[:12] == list(range(1, 13)) and steps[12:] in ([], [12]), "a skipped step-12 save is redone by the final save"
+
+
+def test_buffers_are_allocated_after_the_first_step_not_in_the_first_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first save copies into buffers allocated before it (as every later one does)."""
+    from async_ckpt import CheckpointManager
+
+    allocated_by_save = []
+    real_save = CheckpointManager.save
+
+    def save(self: CheckpointManager, step: int, **kwargs: Any) -> Any:
+        before = self._pool.stats.allocations
+        handle = real_save(self, step, **kwargs)
+        allocated_by_save.append(self._pool.stats.allocations - before)
+        return handle
+
+    monkeypatch.setattr(CheckpointManager, "save", save)
+    trainer, _ = _train(tmp_path, max_steps=10)
+    assert trainer.checkpoint_manager._pool.stats.allocations > 0
+    assert allocated_by_save == [0, 0], "prepare() after step 1 allocated every buffer; no save allocates"
+    idle, _ = _train(tmp_path / "nosave", max_steps=3, save_strategy="no")
+    assert idle.checkpoint_manager._pool.stats.allocations == 0, "no saves planned: no buffers"
+
+
+def test_a_state_dict_failing_when_buffers_are_allocated_is_logged_and_the_saves_go_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class FailsEarly(CustomTrainer):
+        fail_on = (1,)  # call 1: the buffers allocated after step 1
+
+    _, output = _train(tmp_path, cls=FailsEarly, max_steps=10)
+    assert output.last_checkpoint == tmp_path / "checkpoint-10" and (tmp_path / "checkpoint-5").is_dir()
+    assert any("could not allocate the staging buffers ahead of the first save" in r.getMessage() and "injected failure" in r.getMessage() for r in caplog.records)

@@ -230,6 +230,8 @@ class BaseTrainer:
                 loss = self.training_step(batch)
                 self._count_step(batch)
                 self.step_stats.append((self.state.global_step, time.perf_counter() - started, busy))
+                if self.args.save_strategy != "no":
+                    checkpoints.prepare_once()  # outside the timed step: the first save stalls like the rest
                 total += loss.float().cpu()
                 self._maybe_log(loss)
                 if self.args.save_strategy == "steps" and self.state.global_step % self.args.save_steps == 0:
