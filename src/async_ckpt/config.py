@@ -16,7 +16,7 @@ import torch
 from .components import StateComponent
 from .errors import CheckpointConfigError
 
-logger = logging.getLogger("async_ckpt.manager")
+logger = logging.getLogger(__name__)
 
 
 def default_io_threads() -> int:

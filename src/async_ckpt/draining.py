@@ -20,7 +20,7 @@ from typing import Any
 
 from .handle import SaveHandle
 
-logger = logging.getLogger("async_ckpt.manager")  # these lines belong to the manager's story
+logger = logging.getLogger(__name__)
 
 _OPEN: "weakref.WeakSet[Any]" = weakref.WeakSet()  # managers not closed yet, drained at exit
 _exit_hook_registered = False

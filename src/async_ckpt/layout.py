@@ -8,9 +8,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .components import FileFormat, SharingPattern, StateComponent
-from .topology import Topology
+
+if TYPE_CHECKING:  # annotations only: topology imports torch.distributed, which writer threads never do
+    from .topology import Topology
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 ZSTD_SUFFIX = ".zst"

@@ -39,9 +39,7 @@ def test_kill_at_fault_point(tmp_path: Path, point: str, world: int, kill_rank: 
     out = tmp_path / "run"
     outcomes = run_ranks_expect(train, world, str(out), 4, (point, "kill", kill_rank, 3), 2.0, 1, timeout=120)
     assert outcomes[kill_rank][:2] == ("error", "ProcessDied"), outcomes
-    expected = 3 if point in AFTER_COMMIT else 2
-    if point in ("mid_delete", "after_delete"):
-        expected = 3  # step 3 committed; retention of step 2 was cut short
+    expected = 3 if point in AFTER_COMMIT else 2  # after the commit: step 3 stands, retention was cut short
     assert newest_good(out, world) == expected
     start_manager_cleans(out)
     resumed = run_ranks(train, world, str(out), 1, None, 10.0, 1, timeout=120)

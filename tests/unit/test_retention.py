@@ -49,7 +49,10 @@ def test_select_for_deletion(steps, limit, protected, expected):
 @pytest.mark.parametrize("steps", [[1, 2, 3], list(range(50))])
 @pytest.mark.parametrize("limit", [1, 2, 5])
 def test_newest_never_deleted(steps, limit):
-    doomed = select_for_deletion(steps, limit, protected=steps[:-1])
+    # The oldest `limit` steps are protected and count toward the limit, so the newest is over it:
+    # only the rule "the newest is always kept" saves it.
+    doomed = select_for_deletion(steps, limit, protected=steps[:limit])
+    assert doomed == steps[limit:-1]
     assert max(steps) not in doomed
     assert max(steps) not in select_for_deletion(steps, limit)
 
