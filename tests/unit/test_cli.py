@@ -24,7 +24,7 @@ import torch
 
 from async_ckpt import CheckpointManager, StateComponent, rng_component
 from async_ckpt.cli import main
-from async_ckpt.cli_bench import find_benchmarks
+from async_ckpt.cli.bench import find_benchmarks
 from async_ckpt.layout import MANIFEST_NAME
 from tests.helpers.spawn import run_ranks
 

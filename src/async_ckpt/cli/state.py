@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_common import CliError, human, table
-from .errors import CheckpointError
-from .layout import MANIFEST_NAME, checkpoint_dirname, list_committed, list_leftovers, parse_step
-from .manifest import Manifest, check_files, read_manifest
-from .retention import delete_checkpoint, select_for_deletion
-from .storage import fsync_dir, remove_tree
+from .common import CliError, human, table
+from ..errors import CheckpointError
+from ..layout import MANIFEST_NAME, checkpoint_dirname, list_committed, list_leftovers, parse_step
+from ..manifest import Manifest, check_files, read_manifest
+from ..retention import delete_checkpoint, select_for_deletion
+from ..storage import fsync_dir, remove_tree
 
 RECENT_S = 600.0  # clean keeps leftovers touched this recently unless --force: a save may own them
 
