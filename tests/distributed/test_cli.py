@@ -28,6 +28,8 @@ from async_ckpt.cli.bench import find_benchmarks
 from async_ckpt.layout import MANIFEST_NAME
 from tests.helpers.spawn import run_ranks
 
+pytestmark = pytest.mark.distributed  # the runs it inspects are made by real gloo ranks and child processes
+
 COMMANDS = ("list", "inspect", "verify", "clean", "export", "bench")
 ROOT = Path(__file__).resolve().parents[2]
 

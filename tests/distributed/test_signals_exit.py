@@ -22,7 +22,7 @@ import torch
 from async_ckpt import CheckpointManager, CheckpointTimeoutError, StateComponent, faults
 from async_ckpt.layout import list_committed
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
 
