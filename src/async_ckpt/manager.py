@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import faults
+from . import faults, rundir
 from .commit import CommitChannel, Report
 from .config import check_args, check_incremental, default_io_threads, describe_component, lower_priority
 from .coordination import Coordinator, coordination_group
@@ -35,7 +35,6 @@ from .handle import SaveHandle
 from .layout import checkpoint_dirname, file_name, list_committed, slot, staging_dirname, writes
 from .loading import LoadResult, load_checkpoint
 from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups
-from .retention import clean_leftovers
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_after_snapshot, run_job
 from .staging import BackgroundSnapshot, StagingPool, frozen_identities
 from .topology import Topology
@@ -372,7 +371,7 @@ class CheckpointManager:
         run_id = uuid.uuid4().hex[:12]
         if self.topology.is_rank0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.removed_leftovers = clean_leftovers(self.output_dir)
+            self.removed_leftovers = rundir.recover(self.output_dir)
             if self.removed_leftovers:
                 logger.warning(
                     "[rank 0] removed %d leftover(s) of interrupted saves or deletions: %s",

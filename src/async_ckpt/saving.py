@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import faults
+from . import faults, rundir
 from .commit import CommitChannel, Outcome, Report, first_failure
 from .components import FileFormat, StateComponent
 from .errors import CheckpointSaveError, CheckpointTimeoutError, describe
 from .handle import SaveHandle
-from .layout import trash_dirname
 from .manifest import FileEntry, build_manifest, write_manifest
 from .retention import apply_retention
 from .serialization import write_safetensors, write_torch
 from .staging import BackgroundSnapshot
-from .storage import FileSink, WrittenFile, publish_directory, remove_tree, write_file
+from .storage import FileSink, WrittenFile, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +120,7 @@ def _run(ctx: SaveContext, job: SaveJob) -> None:
 
 
 def _write_all(ctx: SaveContext, job: SaveJob) -> Report:
-    os.makedirs(job.staging, exist_ok=True)
+    rundir.stage(job.staging, ctx.rank)
     futures = {ctx.io_pool.submit(_write_one, ctx, job.staging, task): task for task in job.tasks}
     files: dict[str, dict[str, Any]] = {}
     error = ""
@@ -190,7 +187,7 @@ def _commit(ctx: SaveContext, job: SaveJob) -> Outcome:
         else:
             outcome = _publish(ctx, job, reports, time.monotonic() - waited)
     if not outcome.ok:
-        remove_tree(job.staging)
+        rundir.discard(job.staging)
     ctx.channel.publish(job.seq, outcome)
     return outcome
 
@@ -203,9 +200,7 @@ def _publish(ctx: SaveContext, job: SaveJob, reports: list[Report], waited_s: fl
         timings["0"]["commit_wait_s"] = waited_s
         manifest = build_manifest(step=job.step, world_size=ctx.world_size, path=job.final, components=ctx.components, files=files, timings=timings, metadata=ctx.metadata)
         write_manifest(job.staging, manifest)
-        faults.hit("before_publish", 0)
-        trash = ctx.output_dir / trash_dirname(job.step, uuid.uuid4().hex[:12], "replaced")
-        publish_directory(job.staging, job.final, trash)
+        rundir.publish(job.staging, job.final)
     except Exception as exc:
         return Outcome(ok=False, error=describe(f"commit failed: {type(exc).__name__}: {exc}", rank=0, step=job.step, phase="commit", path=job.staging))
     total = sum(f.size for f in files.values())
