@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import faults, rundir
-from .commit import CommitChannel, Report
+from .store_channel import CommitChannel, Report
 from .config import check_args, check_incremental, default_io_threads, describe_component, lower_priority
 from .coordination import Coordinator, coordination_group
 from .components import StateComponent, ValidationLevel, check_components

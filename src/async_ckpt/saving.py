@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import faults, rundir
-from .commit import CommitChannel, Outcome, Report, first_failure
+from .store_channel import CommitChannel, Outcome, Report, first_failure
 from .components import FileFormat, StateComponent
 from .errors import CheckpointSaveError, CheckpointTimeoutError, describe
 from .handle import SaveHandle

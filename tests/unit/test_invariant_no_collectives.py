@@ -1,7 +1,7 @@
 """Invariant 5: no collective runs on a process group from a background thread.
 
 The background threads (commit, I/O, overlap copy) run only the code of the modules below; they
-talk to other ranks through the c10d Store (``commit.CommitChannel``). A module of that list that
+talk to other ranks through the c10d Store (``store_channel.CommitChannel``). A module of that list that
 imports ``torch.distributed`` or calls a collective would break the invariant, and this fails.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "async_ckpt"
-BACKGROUND = ["saving.py", "commit.py", "storage.py", "serialization.py", "torchfile.py", "config.py", "manifest.py", "retention.py", "layout.py", "staging.py", "handle.py", "faults.py", "draining.py"]
+BACKGROUND = ["saving.py", "store_channel.py", "rundir.py", "storage.py", "serialization.py", "torchfile.py", "config.py", "manifest.py", "retention.py", "layout.py", "staging.py", "handle.py", "faults.py", "draining.py"]
 COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier", "reduce",
     "gather", "gather_object", "scatter", "scatter_object_list", "all_to_all", "reduce_scatter", "send", "recv", "isend", "irecv",

@@ -1,4 +1,4 @@
-"""Per-rank reports, rank 0's commit, and one outcome that every rank sees.
+"""Per-rank reports and one outcome that every rank sees: the c10d Store channel of a save.
 
 Ranks coordinate through a c10d ``Store`` (the job's default store under a per-run prefix, or a
 ``HashStore`` for a single process), never through a collective, so this runs on each rank's
