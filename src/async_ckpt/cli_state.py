@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import rundir
+from . import ownership, rundir
 from .cli_common import CliError, human, table
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointLockError
 from .layout import MANIFEST_NAME, checkpoint_dirname, list_committed, list_leftovers, parse_step
 from .manifest import Manifest, check_files, read_manifest
 from .retention import select_for_deletion
@@ -216,6 +216,17 @@ def cmd_clean(args: argparse.Namespace) -> int:
     root = _run_dir(args.dir)
     if args.keep is not None and args.keep < 1:
         raise CliError("--keep must be at least 1 (the newest checkpoint is never removed)")
+    try:  # a live job's directories are never touched: clean runs only while it owns the directory
+        owned = ownership.acquire(root, 0, renew=False)
+    except CheckpointLockError as exc:
+        raise CliError(f"{exc}; clean does nothing while a job owns the directory") from None
+    try:
+        return _clean(root, args)
+    finally:
+        owned.release()
+
+
+def _clean(root: Path, args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     acted, failed = False, False
     for item in rundir.plan_recovery(root):

@@ -15,6 +15,7 @@ from .topology import Topology
 MANIFEST_NAME = "checkpoint_manifest.json"
 ZSTD_SUFFIX = ".zst"
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = "async_ckpt.lock"  # ownership of the run directory (ownership.py)
 
 _COMMITTED = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^\.checkpoint-(\d+)\.(staging|deleting|replaced)-([0-9A-Za-z_-]+)$")

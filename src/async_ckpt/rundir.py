@@ -51,6 +51,7 @@ next retention and by ``recover`` at the next start.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -59,7 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import faults
-from .layout import Leftover, checkpoint_dirname, list_committed, list_leftovers, parse_step, trash_dirname
+from .errors import CheckpointDirectoryError, CheckpointSpaceError
+from .layout import MANIFEST_NAME, Leftover, checkpoint_dirname, list_committed, list_leftovers, parse_step, trash_dirname
 
 logger = logging.getLogger(__name__)
 
@@ -260,3 +262,66 @@ def delete_all(output_dir: Path) -> list[int]:
     for step in steps:
         delete(Path(output_dir), step)
     return steps
+
+
+# --------------------------------------------------------------------------- the directory itself
+
+SPACE_FACTOR = 0.9  # a save is refused when the free space is below this share of the last checkpoint
+
+
+def make_run_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` (and its parents) or raise ``CheckpointDirectoryError`` saying why.
+
+    Rank 0's training thread at construction, before ``ownership.acquire`` writes the lock file.
+    """
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else (exc.strerror or str(exc))
+        raise CheckpointDirectoryError(f"Cannot create the run directory {output_dir}: {reason} ({type(exc).__name__}); "
+                                       "choose an output_dir on a writable file system") from None
+
+
+def check_writable(output_dir: Path, rank: int) -> CheckpointDirectoryError | None:
+    """This rank's verdict on writing under ``output_dir`` (after rank 0 made it). Training thread."""
+    if os.access(output_dir, os.W_OK | os.X_OK):
+        return None
+    return CheckpointDirectoryError(f"[rank {rank}] Cannot write to the run directory {output_dir} from this rank "
+                                    "(read-only, or no permission); every rank writes its files there")
+
+
+def checkpoint_size(path: Path) -> int:
+    """Bytes of a committed checkpoint, from its manifest; 0 when the manifest does not read."""
+    try:
+        files = json.loads((Path(path) / MANIFEST_NAME).read_text()).get("files", {})
+        return int(sum(int(f.get("size", 0)) for f in files.values()))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def report_space(output_dir: Path) -> int:
+    """Log the free space at start (INFO; WARNING when the next save would be refused); return the
+    newest committed checkpoint's size. Rank 0's training thread at construction."""
+    committed = list_committed(output_dir)
+    last = checkpoint_size(committed[-1][1]) if committed else 0
+    usage = shutil.disk_usage(output_dir)
+    level = logging.WARNING if last and usage.free < SPACE_FACTOR * last else logging.INFO
+    logger.log(level, "[rank 0] %s: %.2f GiB free of %.2f GiB%s", output_dir, usage.free / 2**30, usage.total / 2**30,
+               f"; the newest checkpoint takes {last / 2**30:.2f} GiB" if last else "")
+    return last
+
+
+def check_space(output_dir: Path, needed: int, rank: int, step: int) -> None:
+    """Refuse a save before anything is written when the free space is clearly below ``needed``.
+
+    Every rank's commit thread, before ``stage``. ``needed``: the last committed checkpoint's
+    bytes (0: nothing to compare with, never refused). Raises ``CheckpointSpaceError``.
+    """
+    if needed <= 0:
+        return
+    free = shutil.disk_usage(output_dir).free
+    if free < SPACE_FACTOR * needed:
+        raise CheckpointSpaceError(
+            f"[rank {rank} step {step} phase write] not enough free space under {output_dir}: {free} bytes free, the last "
+            f"checkpoint took {needed}; nothing was written. Free space (or lower save_total_limit) and save again"
+        )

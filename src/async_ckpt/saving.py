@@ -17,7 +17,7 @@ from typing import Any
 from . import faults, rundir
 from .store_channel import CommitChannel, Outcome, Report, first_failure
 from .components import FileFormat, StateComponent
-from .errors import CheckpointSaveError, CheckpointTimeoutError, describe
+from .errors import CheckpointSaveError, CheckpointSpaceError, CheckpointTimeoutError, describe
 from .handle import SaveHandle
 from .manifest import FileEntry, build_manifest, write_manifest
 from .retention import apply_retention
@@ -68,6 +68,7 @@ class SaveContext:
     components: list[dict[str, Any]]  # key, sharing_pattern, required, file_format, group, metadata
     protected: frozenset[int] = frozenset()  # steps retention must not delete (CheckpointManager.protect)
     metadata: dict[str, Any] = field(default_factory=dict)  # the manifest's metadata (mesh record, user keys)
+    last_size: int = 0  # bytes of the newest committed checkpoint (commit thread: free-space check)
 
 
 def outcome_margin(timeout_s: float) -> float:
@@ -94,6 +95,8 @@ def _run(ctx: SaveContext, job: SaveJob) -> None:
     started = time.monotonic()
     try:
         report = job.failure or _write_all(ctx, job)
+    except CheckpointSpaceError as exc:  # refused before anything was written
+        report = Report(rank=ctx.rank, ok=False, error=str(exc), kind="space")
     except Exception as exc:  # e.g. the staging directory cannot be created
         report = Report(rank=ctx.rank, ok=False, error=describe(f"{type(exc).__name__}: {exc}", rank=ctx.rank, step=job.step, phase="write", path=job.staging))
     job.handle._release()
@@ -114,12 +117,14 @@ def _run(ctx: SaveContext, job: SaveJob) -> None:
         logger.error("[rank %d step %d] save failed: %s", ctx.rank, job.step, outcome.error)
         job.handle._fail(outcome.exception())
         return
+    ctx.last_size = outcome.size_bytes or ctx.last_size
     job.handle._finish(Path(outcome.path))
     if ctx.rank == 0:
         _retain(ctx, job)
 
 
 def _write_all(ctx: SaveContext, job: SaveJob) -> Report:
+    rundir.check_space(ctx.output_dir, ctx.last_size, ctx.rank, job.step)
     rundir.stage(job.staging, ctx.rank)
     futures = {ctx.io_pool.submit(_write_one, ctx, job.staging, task): task for task in job.tasks}
     files: dict[str, dict[str, Any]] = {}
@@ -208,7 +213,7 @@ def _publish(ctx: SaveContext, job: SaveJob, reports: list[Report], waited_s: fl
         "[rank 0 step %d] committed %s: %d files, %d bytes, stall %.1f ms, persist %.2f s",
         job.step, job.final, len(files), total, 1000 * job.timings.get("stall_s", 0.0), reports[0].timings.get("persist_s", 0.0),
     )
-    return Outcome(ok=True, path=str(job.final))
+    return Outcome(ok=True, path=str(job.final), size_bytes=total)
 
 
 def _retain(ctx: SaveContext, job: SaveJob) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "async_ckpt"
-BACKGROUND = ["saving.py", "store_channel.py", "rundir.py", "storage.py", "serialization.py", "torchfile.py", "config.py", "manifest.py", "retention.py", "layout.py", "staging.py", "handle.py", "faults.py", "draining.py"]
+BACKGROUND = ["saving.py", "store_channel.py", "rundir.py", "ownership.py", "storage.py", "serialization.py", "torchfile.py", "config.py", "manifest.py", "retention.py", "layout.py", "staging.py", "handle.py", "faults.py", "draining.py"]
 COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier", "reduce",
     "gather", "gather_object", "scatter", "scatter_object_list", "all_to_all", "reduce_scatter", "send", "recv", "isend", "irecv",

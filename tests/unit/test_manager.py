@@ -34,7 +34,7 @@ from async_ckpt import (
     rng_component,
 )
 from async_ckpt.errors import CheckpointConfigError
-from async_ckpt.layout import MANIFEST_NAME, list_committed, list_leftovers, staging_dirname
+from async_ckpt.layout import LOCK_NAME, MANIFEST_NAME, list_committed, list_leftovers, staging_dirname
 from async_ckpt.manifest import check_files, read_manifest
 from async_ckpt.storage import hash_file
 
@@ -114,7 +114,7 @@ def _assert_same(a, b, path="") -> None:
 
 
 def _names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME)  # the lock file stays: ownership.py
 
 
 def _flip_byte(path: Path, offset: int = -5) -> None:
