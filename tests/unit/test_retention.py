@@ -78,3 +78,23 @@ def test_apply_retention_protected_and_none(tmp_path):
     assert apply_retention(tmp_path, None) == []
     assert apply_retention(tmp_path, 2, protected=[1]) == [2, 3]
     assert [s for s, _ in list_committed(tmp_path)] == [1, 4]
+
+
+def test_a_deletion_that_fails_is_logged_as_a_failure_and_retried(tmp_path, caplog):
+    """rmtree errors used to be ignored: "deleted checkpoint-1" was logged while its files stayed."""
+    import logging
+
+    from tests.unit.test_rundir import _undeletable
+
+    for step in (1, 2, 3):
+        _make(tmp_path, f"checkpoint-{step}")
+    with _undeletable(tmp_path / "checkpoint-1"):
+        with caplog.at_level(logging.INFO, "async_ckpt"):
+            assert apply_retention(tmp_path, 2) == []
+        assert "retention: could not delete checkpoint-1" in caplog.text
+        assert "deleted checkpoint-1" not in caplog.text
+        (left,) = list_leftovers(tmp_path)
+        assert left.kind == "deleting"
+    assert [s for s, _ in list_committed(tmp_path)] == [2, 3]
+    assert apply_retention(tmp_path, 2) == []  # nothing to select: the retry removes the trash
+    assert list_leftovers(tmp_path) == []
