@@ -49,6 +49,11 @@ def check_args(num_io_threads: int, compression: str | None, level: int, limit: 
         raise CheckpointConfigError(f"on_busy must be 'block' or 'skip', got {on_busy!r}")
 
 
+def check_lock_timeout(lock_timeout_s: float) -> None:
+    if isinstance(lock_timeout_s, bool) or not isinstance(lock_timeout_s, (int, float)) or lock_timeout_s < 0:
+        raise CheckpointConfigError(f"lock_timeout_s must be a number of seconds >= 0 (0: do not wait for another job), got {lock_timeout_s!r}")
+
+
 def check_incremental(components: Sequence[StateComponent], keys: Sequence[str]) -> frozenset[str]:
     """The keys of the components that stage incrementally; refuses unknown keys and non-modules."""
     if isinstance(keys, str):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # annotations only: topology imports torch.distributed, which
 MANIFEST_NAME = "checkpoint_manifest.json"
 ZSTD_SUFFIX = ".zst"
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = "async_ckpt.lock"  # ownership of the run directory (ownership.py)
 
 _COMMITTED = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^\.checkpoint-(\d+)\.(staging|deleting|replaced)-([0-9A-Za-z_-]+)$")

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import faults
-from .commit import CommitChannel, Report
-from .config import check_args, check_incremental, default_io_threads, describe_component, lower_priority
+from . import faults, rundir
+from .store_channel import CommitChannel, Report
+from .config import check_args, check_lock_timeout, check_incremental, default_io_threads, describe_component, lower_priority
 from .coordination import Coordinator, coordination_group
 from .components import StateComponent, ValidationLevel, check_components
 from .draining import _OPEN, drain_at_exit, log_drained, steps_text
@@ -34,8 +34,8 @@ from .errors import (
 from .handle import SaveHandle
 from .layout import checkpoint_dirname, file_name, list_committed, slot, staging_dirname, writes
 from .loading import LoadResult, load_checkpoint
+from .ownership import Ownership, acquire
 from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups
-from .retention import clean_leftovers
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_after_snapshot, run_job
 from .staging import BackgroundSnapshot, StagingPool, frozen_identities
 from .topology import Topology
@@ -66,6 +66,11 @@ class CheckpointManager:
 
     ``io_nice`` (0-19): run the I/O and commit threads at a lower CPU priority, so that on a
     machine with few cores a save in flight takes less CPU from training (saves take longer).
+
+    ``lock_timeout_s``: how long construction waits for another job that owns ``output_dir`` to
+    end (a requeued job's predecessor still draining) before ``CheckpointLockError``; see
+    ``ownership.py``. An ``output_dir`` that cannot be created or written raises
+    ``CheckpointDirectoryError`` here, on every rank.
     """
 
     def __init__(
@@ -89,9 +94,14 @@ class CheckpointManager:
         incremental: Sequence[str] = (),
         verify_incremental: bool = False,
         io_nice: int = 0,
+        lock_timeout_s: float = 60.0,
     ) -> None:
         num_io_threads = default_io_threads() if num_io_threads is None else num_io_threads
         check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
+        check_lock_timeout(lock_timeout_s)
+        self.lock_timeout_s = float(lock_timeout_s)
+        self._ownership: Ownership | None = None  # rank 0's hold on output_dir, released at close()
+        self._last_size = 0  # bytes of the newest committed checkpoint at start (rank 0's view, broadcast)
         self.output_dir = Path(output_dir)
         self.components = list(components)
         self.async_save = async_save
@@ -105,7 +115,7 @@ class CheckpointManager:
         self._incremental = check_incremental(self.components, incremental)
         distributed = dist.is_available() and dist.is_initialized()
         world_ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD) if distributed else [0]
-        self._peers = Coordinator(coordination_group(process_group, self.timeout_s) if distributed else None, world_ranks)
+        self._peers = Coordinator(coordination_group(process_group, max(self.timeout_s, self.lock_timeout_s + 60.0)) if distributed else None, world_ranks)
         if mesh is not None:
             check_mesh_ranks(mesh, world_ranks)
         base = Topology.detect(process_group)
@@ -133,6 +143,7 @@ class CheckpointManager:
             save_total_limit=save_total_limit,
             components=[describe_component(c) for c in self.components],
             metadata=self.metadata,
+            last_size=self._last_size,
         )
         self._seq = 0
         self._last: SaveHandle | None = None
@@ -311,6 +322,8 @@ class CheckpointManager:
                 log_drained(self.topology.rank, "closing", in_flight, time.monotonic() - started)
             for pool in (self._committer, self._io, self._copier):
                 pool.shutdown(wait=not running)
+            if self._ownership is not None and not running:  # a save still running keeps the directory
+                self._ownership.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -368,17 +381,41 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------- internals
 
     def _start(self) -> str:
-        """Rank 0 cleans leftovers of earlier runs, then every rank learns this run's id."""
-        run_id = uuid.uuid4().hex[:12]
+        """Rank 0 takes ``output_dir`` and recovers leftovers; every rank learns the run id, or the error.
+
+        Collective (two small collectives when distributed). Rank 0 blocks up to
+        ``lock_timeout_s`` for a live owner to go. Every rank then checks that it can write there.
+        """
+        run_id, error = uuid.uuid4().hex[:12], None
         if self.topology.is_rank0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.removed_leftovers = clean_leftovers(self.output_dir)
-            if self.removed_leftovers:
-                logger.warning(
-                    "[rank 0] removed %d leftover(s) of interrupted saves or deletions: %s",
-                    len(self.removed_leftovers), ", ".join(p.name for p in self.removed_leftovers),
-                )
-        return self._peers.broadcast(run_id)
+            try:
+                self._ownership, self.removed_leftovers, self._last_size = self._take_directory()
+            except CheckpointError as exc:
+                error = exc
+        run_id, error, self._last_size = self._peers.broadcast((run_id, error, self._last_size))
+        if error is None and self._peers.group is not None:
+            errors = self._peers.gather(None if self.topology.is_rank0 else rundir.check_writable(self.output_dir, self.topology.rank))
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            if self._ownership is not None:
+                self._ownership.release()
+            raise error
+        return run_id
+
+    def _take_directory(self) -> tuple[Ownership, list[Path], int]:
+        """Rank 0: create ``output_dir``, own it, recover leftovers; report free space. Training thread."""
+        rundir.make_run_dir(self.output_dir)
+        ownership = acquire(self.output_dir, self.lock_timeout_s)
+        try:
+            removed = rundir.recover(self.output_dir)
+            if removed:
+                logger.warning("[rank 0] removed %d leftover(s) of interrupted saves or deletions: %s",
+                               len(removed), ", ".join(p.name for p in removed))
+            last_size = rundir.report_space(self.output_dir)
+        except BaseException:
+            ownership.release()
+            raise
+        return ownership, removed, last_size
 
     def _raise_unobserved(self) -> None:
         """Raise the oldest finished save's failure that nobody has seen; forget settled saves."""

@@ -50,6 +50,9 @@ class TrainingArguments:
     interrupt_grace_s: float | None = None  # seconds from a signal to the kill (the scheduler's notice): a final save that would not fit is skipped; None: no limit
     exit_on_interrupt: bool = True  # after a signal stop, train() raises TrainingInterrupted (exit status 130/143); False: it returns
     control_poll_s: float | None = 1.0  # rank 0 looks for <output_dir>/async_ckpt.control this often; 0: every step; None: never
+    # ownership of output_dir (issue 15)
+    save_lock_timeout_s: float = 60.0  # wait this long for another job that owns output_dir to end (a requeue's predecessor)
+    overwrite_output_dir: bool = False  # resume_from_checkpoint=False into a directory with checkpoints deletes them; else refused
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -101,6 +104,7 @@ class TrainingArguments:
             out.append(f"save_timeout_s must be a number of seconds > 0, got {self.save_timeout_s!r}")
         if not isinstance(self.save_io_nice, int) or not 0 <= self.save_io_nice <= 19:
             out.append(f"save_io_nice must be an integer from 0 to 19, got {self.save_io_nice!r}")
+        out += _ownership_problems(self)
         return out
 
     def manager_options(self) -> dict[str, Any]:
@@ -115,7 +119,17 @@ class TrainingArguments:
             "timeout_s": float(self.save_timeout_s),
             "on_busy": self.save_on_busy,
             "io_nice": self.save_io_nice,
+            "lock_timeout_s": float(self.save_lock_timeout_s),
         }
+
+
+def _ownership_problems(args: Any) -> list[str]:
+    """Bad values of the ownership arguments (issue 15)."""
+    out = _bools(args, "overwrite_output_dir")
+    value = args.save_lock_timeout_s
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        out.append(f"save_lock_timeout_s must be a number of seconds >= 0, got {value!r}")
+    return out
 
 
 def _is_int(value: Any) -> bool:

@@ -219,7 +219,7 @@ class BaseTrainer:
         boundary = StepBoundary(watcher, self.args, rank=self.rank, world_size=self.world_size, group=manager.coordination_group)
         stop: Decision | None = None
         try:
-            resumed, skipped = checkpoints.resume(self.args.resume_from_checkpoint, self.state)
+            resumed, skipped = checkpoints.resume(self.args.resume_from_checkpoint, self.state, getattr(self.args, "overwrite_output_dir", False))
             first_step, total = self.state.global_step, torch.zeros(())
             self.train_model.train()
             while not self._finished():

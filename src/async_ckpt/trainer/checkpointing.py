@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import CheckpointError, CheckpointManager, CheckpointSaveError, ReplicationValidationError, SaveHandle
+from .. import CheckpointConfigError, CheckpointError, CheckpointManager, CheckpointSaveError, ReplicationValidationError, SaveHandle
+from .. import rundir
 from ..layout import list_committed
 from .control import Decision, StepBoundary
 from .signals import exit_at_shutdown
@@ -200,8 +201,10 @@ class TrainerCheckpoints:
         """Training is unwinding with ``exc``: drain in-flight saves, log (not raise) their errors."""
         self.manager.__exit__(type(exc), exc, exc.__traceback__)
 
-    def resume(self, target: bool | str | os.PathLike[str], state: Any) -> tuple[Path | None, list[str]]:
+    def resume(self, target: bool | str | os.PathLike[str], state: Any, overwrite: bool = False) -> tuple[Path | None, list[str]]:
         """Load per ``resume_from_checkpoint``; log loaded / skipped / failed. Returns (path, skipped keys)."""
+        if target is False:
+            fresh_start(self.manager.output_dir, overwrite, self.rank)
         resumed = self._load(target, state)
         ahead = [step for step, _ in list_committed(self.manager.output_dir) if step > state.global_step]
         if ahead and self.rank == 0:
@@ -230,3 +233,29 @@ class TrainerCheckpoints:
         if state.global_step == result.step:
             self.last_saved = result.step
         return result.path, list(result.skipped)
+
+
+# --------------------------------------------------------------------- a fresh start (issue 15)
+
+
+def fresh_start(output_dir: Path, overwrite: bool, rank: int) -> None:
+    """``resume_from_checkpoint=False`` into ``output_dir``: refuse it if it holds checkpoints,
+    unless ``overwrite_output_dir=True``, which deletes them first (rank 0, through ``rundir``).
+
+    Training thread, every rank, right after the manager is built (it owns the directory, and
+    start-up recovery is done, so every rank lists the same checkpoints). Two runs never mix
+    under one directory: resume and retention would take the old run's higher steps for this one's.
+    """
+    steps = [step for step, _ in list_committed(output_dir)]
+    if not steps:
+        return
+    if not overwrite:
+        raise CheckpointConfigError(
+            f"[rank {rank}] resume_from_checkpoint=False, but {output_dir} holds checkpoints of another run "
+            f"(steps {', '.join(map(str, steps[-3:]))}{' ...' if len(steps) > 3 else ''}): resume (resume_from_checkpoint=True), "
+            "use a new output_dir, or pass overwrite_output_dir=True to delete them"
+        )
+    if rank == 0:
+        logger.warning("[rank 0] overwrite_output_dir=True: deleting the %d checkpoint(s) of the previous run in %s: steps %s",
+                       len(steps), output_dir, ", ".join(map(str, steps)))
+        rundir.delete_all(Path(output_dir))
