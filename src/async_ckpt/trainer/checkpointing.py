@@ -232,6 +232,7 @@ class TrainerCheckpoints:
             logger.warning("[rank %d] component '%s' not restored: %s", self.rank, key, _SKIP_NOTES.get(key, "it keeps its current state"))
         if state.global_step == result.step:
             self.last_saved = result.step
+            self.last_committed = result.path  # a rerun of a finished job returns the checkpoint it found
         return result.path, list(result.skipped)
 
 
