@@ -24,7 +24,7 @@ from .store_channel import CommitChannel, Report
 from .config import check_args, check_lock_timeout, check_incremental, default_io_threads, describe_component, lower_priority
 from .coordination import Coordinator, coordination_group
 from .components import StateComponent, ValidationLevel, check_components
-from .draining import _OPEN, drain_at_exit, log_drained, steps_text
+from .draining import InFlight, steps_text
 from .errors import (
     CheckpointConfigError,
     CheckpointError,
@@ -147,10 +147,7 @@ class CheckpointManager:
         )
         self._seq = 0
         self._last: SaveHandle | None = None
-        self._unsettled: list[SaveHandle] = []  # saves whose failure may not have been raised yet
-        self._closed = False
-        self._pid = os.getpid()  # a forked child inherits this object but not its threads
-        drain_at_exit(self)
+        self._saves = InFlight(self.topology.rank, (self._committer, self._io, self._copier), self._bounded_wait_s())
 
     # ----------------------------------------------------------------------------------- save
 
@@ -181,7 +178,7 @@ class CheckpointManager:
         self._check_open()
         self.wait_snapshot()
         started = time.perf_counter()
-        self._raise_unobserved()
+        self._saves.raise_unobserved()
         step = int(step)
         final = self.output_dir / checkpoint_dirname(step)
         if self._busy_decision():
@@ -206,7 +203,7 @@ class CheckpointManager:
         )
         handle.timings.update(job.timings)
         self._last = handle
-        self._unsettled.append(handle)
+        self._saves.add(handle)
         if background is None:
             self._committer.submit(run_job, self._ctx, job)
         else:
@@ -281,7 +278,7 @@ class CheckpointManager:
         self._check_open()
         self.wait_snapshot()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for handle in list(self._unsettled):
+        for handle in list(self._saves.handles):
             limit = self._bounded_wait_s() if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 handle._future.exception(limit)
@@ -293,7 +290,7 @@ class CheckpointManager:
             self._committer.submit(lambda: None).result(limit)
         except concurrent.futures.TimeoutError:
             raise CheckpointTimeoutError(f"[rank {self.topology.rank}] retention still running after {limit:g}s") from None
-        self._raise_unobserved()
+        self._saves.raise_unobserved()
         last = self._last
         return None if last is None or last.skipped or last.failed() else last.wait(0)
 
@@ -306,22 +303,16 @@ class CheckpointManager:
         as not committed, and ``CheckpointTimeoutError`` is raised. Raises the failure of the last
         save if nobody has seen it yet. Interpreter exit drains a manager nobody closed (logged).
         """
-        if self._closed:
+        if self._saves.closed:
             return
-        in_flight = [h for h in self._unsettled if not h.done()]
+        in_flight = self._saves.running()
         if in_flight:
             logger.info("[rank %d] closing: waiting for %d save(s) in flight: %s", self.topology.rank, len(in_flight), steps_text(in_flight))
         started = time.monotonic()
         try:
             self.wait(timeout)
         finally:
-            self._closed = True
-            _OPEN.discard(self)
-            running = [h for h in in_flight if not h.done()]
-            if in_flight:
-                log_drained(self.topology.rank, "closing", in_flight, time.monotonic() - started)
-            for pool in (self._committer, self._io, self._copier):
-                pool.shutdown(wait=not running)
+            running = self._saves.stop(in_flight, started)
             if self._ownership is not None and not running:  # a save still running keeps the directory
                 self._ownership.release()
 
@@ -417,20 +408,10 @@ class CheckpointManager:
             raise
         return ownership, removed, last_size
 
-    def _raise_unobserved(self) -> None:
-        """Raise the oldest finished save's failure that nobody has seen; forget settled saves."""
-        for handle in list(self._unsettled):
-            if not handle.done():
-                continue
-            self._unsettled.remove(handle)
-            if handle.failed() and not handle.observed:
-                handle.observed = True
-                raise handle.exception()  # type: ignore[misc]
-
     def _bounded_wait_s(self) -> float:
         """The longest a training-thread wait on a save may take: every phase has its own timeout."""
         return self.timeout_s + outcome_margin(self.timeout_s) + 60.0
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._saves.closed:
             raise CheckpointError(f"CheckpointManager for {self.output_dir} is closed")
