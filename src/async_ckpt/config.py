@@ -23,9 +23,8 @@ def default_io_threads() -> int:
     """I/O threads per rank when none are asked for: one core left to training, at most 4.
 
     On a machine with few cores, writer threads that outnumber the free cores take the core the
-    training thread needs (measured on 2 cores, 1 intra-op thread, three runs: with 4 I/O threads
-    the slowest 10% of steps during a save were 31-48% slower, with 1 thread 10-22%). Files are
-    written one per thread, so more than 4 rarely helps a rank.
+    training thread needs (docs/performance.md, "Parallel per-file writes"). Files are written
+    one per thread, so more than 4 rarely helps a rank.
     """
     try:
         cores = len(os.sched_getaffinity(0))

@@ -58,8 +58,7 @@ class TrainerCheckpoints:
 
         AdamW creates its state at its first step, so that is the earliest moment the buffers can
         match the state; the first save then stalls about as long as the later ones instead of
-        also faulting in fresh memory (3.4x the copy floor without, 1.2x with, at 516 MiB;
-        docs/performance.md). Training thread; not collective. Blocks for the allocation. A
+        also faulting in fresh memory (docs/performance.md, "Targets": the first save). Training thread; not collective. Blocks for the allocation. A
         component whose ``state_dict()`` fails here is logged, not raised: the save that meets
         the same failure reports it the way every failed save does.
         """
