@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from async_ckpt.layout import LOCK_NAME
 from tests.distributed.trainer_child import RegressionData, StopAt, new_model, state_of
 from tests.helpers.spawn import run_ranks
 
@@ -117,7 +118,7 @@ def _diverge(rank: int, world: int, out: str) -> dict[str, Any]:
             seen[drift] = ("returned", "")
         except ReplicationValidationError as exc:
             seen[drift] = (type(exc).__name__, str(exc))
-        seen[drift + "_dirs"] = sorted(os.listdir(f"{out}/{drift}"))
+        seen[drift + "_dirs"] = sorted(n for n in os.listdir(f"{out}/{drift}") if n != LOCK_NAME)
     return seen
 
 
