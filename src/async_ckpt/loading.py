@@ -20,6 +20,7 @@ from .layout import list_committed, slot
 from .manifest import Manifest, read_manifest
 from .mesh import mesh_refusal
 from .serialization import read_safetensors, read_torch
+from .sharded_io import read_component
 from .storage import read_file, safe_member
 from .topology import Topology
 
@@ -63,6 +64,14 @@ def read_candidate(path: Path, components: list[StateComponent], topology: Topol
         where = slot(component, topology)
         entry = manifest.components.get(component.key)
         names = [n for n, f in manifest.files.items() if f.component == component.key and f.slot == where]
+        if entry is not None and component.sharing_pattern is SharingPattern.SHARDED:  # any mesh: the overlapping chunks
+            try:
+                plan.states[component.key] = read_component(path, manifest, component, verify=verify)
+            except CheckpointCorruptError as exc:
+                plan.damage.append(f"component '{component.key}': {exc}")
+            except CheckpointError as exc:
+                plan.refusal.append(f"component '{component.key}': {exc}")
+            continue
         if entry is not None and component.sharing_pattern not in _SHARED and manifest.world_size != topology.world_size:
             plan.refusal.append(
                 f"component '{component.key}' was saved with world size {manifest.world_size}, this job has "
@@ -148,7 +157,8 @@ def load_checkpoint(
     skipped_reasons = []
     for path in candidates:
         plan = read_candidate(path, components, topology, verify=verify, strict=strict)
-        plan.refusal = mesh_refusal(plan.manifest, mesh) or plan.refusal  # another mesh: the one reason
+        if any(c.sharing_pattern in (SharingPattern.PER_GROUP, SharingPattern.PER_NODE) for c in components):
+            plan.refusal = mesh_refusal(plan.manifest, mesh) or plan.refusal  # another mesh: the one reason
         verdicts = gather((plan.damage, plan.refusal, plan.too_new))
         damage = by_rank([v[0] for v in verdicts])
         refusal = by_rank([v[1] for v in verdicts])
