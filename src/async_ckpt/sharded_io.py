@@ -94,7 +94,9 @@ def write_shard(directory: Path, name: str, staged: Any, meta: list[dict[str, An
         key = keys.setdefault(tensor.untyped_storage()._cdata, str(len(keys)))  # torch.save's storage keys
         start = spans[f"data/{key}"][0] + tensor.storage_offset() * tensor.element_size()
         record["range"] = [start, start + tensor.numel() * tensor.element_size()]
-    pkl = spans["data.pkl"]
+    if staged["skeleton"] is None:
+        return written, records, None
+    pkl = spans["data.pkl"]  # rank 0's: the structure every loader reads
     return written, records, [pkl[0], pkl[1], _hash_range(directory / name, pkl[0], pkl[1])]
 
 
