@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from async_ckpt.commit import CommitChannel, Outcome, Report
+from async_ckpt.store_channel import CommitChannel, Outcome, Report
 from async_ckpt.components import SharingPattern, StateComponent
 from async_ckpt.handle import SaveHandle
 from async_ckpt.saving import FileTask, SaveContext, SaveJob, _publish, run_job

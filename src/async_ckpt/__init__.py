@@ -20,6 +20,9 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointSaveError,
     CheckpointTimeoutError,
+    CheckpointDirectoryError,
+    CheckpointLockError,
+    CheckpointSpaceError,
     ReplicationValidationError,
 )
 from .handle import SaveHandle
@@ -41,6 +44,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CheckpointTimeoutError",
+    "CheckpointDirectoryError",
+    "CheckpointLockError",
+    "CheckpointSpaceError",
     "FileFormat",
     "LoadResult",
     "LocalShards",

@@ -16,16 +16,15 @@ import torch
 from .components import StateComponent
 from .errors import CheckpointConfigError
 
-logger = logging.getLogger("async_ckpt.manager")
+logger = logging.getLogger(__name__)
 
 
 def default_io_threads() -> int:
     """I/O threads per rank when none are asked for: one core left to training, at most 4.
 
     On a machine with few cores, writer threads that outnumber the free cores take the core the
-    training thread needs (measured on 2 cores, 1 intra-op thread, three runs: with 4 I/O threads
-    the slowest 10% of steps during a save were 31-48% slower, with 1 thread 10-22%). Files are
-    written one per thread, so more than 4 rarely helps a rank.
+    training thread needs (docs/performance.md, "Parallel per-file writes"). Files are written
+    one per thread, so more than 4 rarely helps a rank.
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -47,6 +46,11 @@ def check_args(num_io_threads: int, compression: str | None, level: int, limit: 
         raise CheckpointConfigError(f"timeout_s must be positive, got {timeout_s!r}")
     if on_busy not in ("block", "skip"):
         raise CheckpointConfigError(f"on_busy must be 'block' or 'skip', got {on_busy!r}")
+
+
+def check_lock_timeout(lock_timeout_s: float) -> None:
+    if isinstance(lock_timeout_s, bool) or not isinstance(lock_timeout_s, (int, float)) or lock_timeout_s < 0:
+        raise CheckpointConfigError(f"lock_timeout_s must be a number of seconds >= 0 (0: do not wait for another job), got {lock_timeout_s!r}")
 
 
 def check_incremental(components: Sequence[StateComponent], keys: Sequence[str]) -> frozenset[str]:

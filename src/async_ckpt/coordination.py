@@ -4,7 +4,7 @@ One gloo group over the manager's ranks, used only on the training thread, in th
 every rank: at construction (this run's id, where each rank sits in each named group), in
 ``save()`` (skip decisions, replication validation) and in ``load()`` (which checkpoint, and
 whether it read everywhere). Background threads never come here (invariant 5); they talk
-through the c10d Store (``commit.CommitChannel``). In a single process every call is local.
+through the c10d Store (``store_channel.CommitChannel``). In a single process every call is local.
 """
 
 from __future__ import annotations

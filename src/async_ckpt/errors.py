@@ -67,3 +67,15 @@ class CheckpointLoadError(CheckpointError):
 
 class ReplicationValidationError(CheckpointSaveError):
     """Ranks disagree on a component saved as REPLICATED; raised on every rank."""
+
+
+class CheckpointDirectoryError(CheckpointConfigError):
+    """``output_dir`` cannot be created or written (read-only, no permission, a file in the path)."""
+
+
+class CheckpointLockError(CheckpointError):
+    """Another live job owns ``output_dir``; the message names it (host, pid, since when)."""
+
+
+class CheckpointSpaceError(CheckpointSaveError):
+    """A save refused before writing anything: the free space is clearly below the last checkpoint's size."""

@@ -23,10 +23,15 @@ POINTS = (
     "before_rename",  # I/O thread, file durable under its temporary name
     "before_report",  # commit thread, all files written, before telling rank 0
     "before_manifest",  # rank 0 commit thread, every report in
-    "before_publish",  # rank 0, manifest durable, staging not yet renamed
+    "before_publish",  # rank 0 (rundir.publish), manifest durable, staging not yet renamed
     "before_retention",  # rank 0, committed, before old checkpoints are deleted
-    "mid_delete",  # rank 0, a checkpoint renamed out of its name, its files not yet deleted
+    "mid_delete",  # rank 0 (rundir.delete), a checkpoint renamed out of its name, its files not yet deleted
     "after_delete",  # rank 0, one checkpoint deleted, the next not yet
+    # the run directory's protocol (rundir.py); its docstring says what a crash at each leaves
+    "after_stage",  # every rank's commit thread, staging directory created, nothing written in it
+    "mid_replace",  # rank 0, a re-save: the old checkpoint-N renamed aside, the new one not yet renamed
+    "after_publish",  # rank 0, staging renamed to checkpoint-N and the parent fsynced; replaced one not yet removed
+    "mid_recover",  # rank 0's training thread at start-up, one leftover restored or removed, the next not yet
 )
 ACTIONS = ("raise", "enospc", "kill", "stall")
 ENV = "ASYNC_CKPT_FAULTS"

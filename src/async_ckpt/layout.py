@@ -8,13 +8,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .components import FileFormat, SharingPattern, StateComponent
-from .topology import Topology
+
+if TYPE_CHECKING:  # annotations only: topology imports torch.distributed, which writer threads never do
+    from .topology import Topology
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 ZSTD_SUFFIX = ".zst"
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = "async_ckpt.lock"  # ownership of the run directory (ownership.py)
 
 _COMMITTED = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^\.checkpoint-(\d+)\.(staging|deleting|replaced)-([0-9A-Za-z_-]+)$")

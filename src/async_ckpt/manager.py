@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import faults
-from .commit import CommitChannel, Report
-from .config import check_args, check_incremental, default_io_threads, describe_component, lower_priority
+from . import faults, rundir
+from .store_channel import CommitChannel, Report
+from .config import check_args, check_lock_timeout, check_incremental, default_io_threads, describe_component, lower_priority
 from .coordination import Coordinator, coordination_group
 from .components import FileFormat, SharingPattern, StateComponent, ValidationLevel, check_components
-from .draining import _OPEN, drain_at_exit, log_drained, steps_text
+from .draining import InFlight, steps_text
 from .errors import (
     CheckpointConfigError,
     CheckpointError,
@@ -34,8 +34,8 @@ from .errors import (
 from .handle import SaveHandle
 from .layout import checkpoint_dirname, file_name, list_committed, slot, staging_dirname, writes
 from .loading import LoadResult, load_checkpoint
+from .ownership import Ownership, acquire
 from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups
-from .retention import clean_leftovers
 from .sharded_io import shard_state
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_after_snapshot, run_job
 from .staging import BackgroundSnapshot, StagingPool, frozen_identities
@@ -67,6 +67,11 @@ class CheckpointManager:
 
     ``io_nice`` (0-19): run the I/O and commit threads at a lower CPU priority, so that on a
     machine with few cores a save in flight takes less CPU from training (saves take longer).
+
+    ``lock_timeout_s``: how long construction waits for another job that owns ``output_dir`` to
+    end (a requeued job's predecessor still draining) before ``CheckpointLockError``; see
+    ``ownership.py``. An ``output_dir`` that cannot be created or written raises
+    ``CheckpointDirectoryError`` here, on every rank.
     """
 
     def __init__(
@@ -90,9 +95,14 @@ class CheckpointManager:
         incremental: Sequence[str] = (),
         verify_incremental: bool = False,
         io_nice: int = 0,
+        lock_timeout_s: float = 60.0,
     ) -> None:
         num_io_threads = default_io_threads() if num_io_threads is None else num_io_threads
         check_args(num_io_threads, compression, compression_level, save_total_limit, timeout_s, on_busy)
+        check_lock_timeout(lock_timeout_s)
+        self.lock_timeout_s = float(lock_timeout_s)
+        self._ownership: Ownership | None = None  # rank 0's hold on output_dir, released at close()
+        self._last_size = 0  # bytes of the newest committed checkpoint at start (rank 0's view, broadcast)
         self.output_dir = Path(output_dir)
         self.components = list(components)
         self.async_save = async_save
@@ -106,7 +116,7 @@ class CheckpointManager:
         self._incremental = check_incremental(self.components, incremental)
         distributed = dist.is_available() and dist.is_initialized()
         world_ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD) if distributed else [0]
-        self._peers = Coordinator(coordination_group(process_group, self.timeout_s) if distributed else None, world_ranks)
+        self._peers = Coordinator(coordination_group(process_group, max(self.timeout_s, self.lock_timeout_s + 60.0)) if distributed else None, world_ranks)
         if mesh is not None:
             check_mesh_ranks(mesh, world_ranks)
         base = Topology.detect(process_group)
@@ -134,13 +144,11 @@ class CheckpointManager:
             save_total_limit=save_total_limit,
             components=[describe_component(c) for c in self.components],
             metadata=self.metadata,
+            last_size=self._last_size,
         )
         self._seq = 0
         self._last: SaveHandle | None = None
-        self._unsettled: list[SaveHandle] = []  # saves whose failure may not have been raised yet
-        self._closed = False
-        self._pid = os.getpid()  # a forked child inherits this object but not its threads
-        drain_at_exit(self)
+        self._saves = InFlight(self.topology.rank, (self._committer, self._io, self._copier), self._bounded_wait_s())
 
     # ----------------------------------------------------------------------------------- save
 
@@ -171,7 +179,7 @@ class CheckpointManager:
         self._check_open()
         self.wait_snapshot()
         started = time.perf_counter()
-        self._raise_unobserved()
+        self._saves.raise_unobserved()
         step = int(step)
         final = self.output_dir / checkpoint_dirname(step)
         if self._busy_decision():
@@ -196,7 +204,7 @@ class CheckpointManager:
         )
         handle.timings.update(job.timings)
         self._last = handle
-        self._unsettled.append(handle)
+        self._saves.add(handle)
         if background is None:
             self._committer.submit(run_job, self._ctx, job)
         else:
@@ -275,7 +283,7 @@ class CheckpointManager:
         self._check_open()
         self.wait_snapshot()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for handle in list(self._unsettled):
+        for handle in list(self._saves.handles):
             limit = self._bounded_wait_s() if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 handle._future.exception(limit)
@@ -287,7 +295,7 @@ class CheckpointManager:
             self._committer.submit(lambda: None).result(limit)
         except concurrent.futures.TimeoutError:
             raise CheckpointTimeoutError(f"[rank {self.topology.rank}] retention still running after {limit:g}s") from None
-        self._raise_unobserved()
+        self._saves.raise_unobserved()
         last = self._last
         return None if last is None or last.skipped or last.failed() else last.wait(0)
 
@@ -300,22 +308,18 @@ class CheckpointManager:
         as not committed, and ``CheckpointTimeoutError`` is raised. Raises the failure of the last
         save if nobody has seen it yet. Interpreter exit drains a manager nobody closed (logged).
         """
-        if self._closed:
+        if self._saves.closed:
             return
-        in_flight = [h for h in self._unsettled if not h.done()]
+        in_flight = self._saves.running()
         if in_flight:
             logger.info("[rank %d] closing: waiting for %d save(s) in flight: %s", self.topology.rank, len(in_flight), steps_text(in_flight))
         started = time.monotonic()
         try:
             self.wait(timeout)
         finally:
-            self._closed = True
-            _OPEN.discard(self)
-            running = [h for h in in_flight if not h.done()]
-            if in_flight:
-                log_drained(self.topology.rank, "closing", in_flight, time.monotonic() - started)
-            for pool in (self._committer, self._io, self._copier):
-                pool.shutdown(wait=not running)
+            running = self._saves.stop(in_flight, started)
+            if self._ownership is not None and not running:  # a save still running keeps the directory
+                self._ownership.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -373,32 +377,46 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------- internals
 
     def _start(self) -> str:
-        """Rank 0 cleans leftovers of earlier runs, then every rank learns this run's id."""
-        run_id = uuid.uuid4().hex[:12]
-        if self.topology.is_rank0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.removed_leftovers = clean_leftovers(self.output_dir)
-            if self.removed_leftovers:
-                logger.warning(
-                    "[rank 0] removed %d leftover(s) of interrupted saves or deletions: %s",
-                    len(self.removed_leftovers), ", ".join(p.name for p in self.removed_leftovers),
-                )
-        return self._peers.broadcast(run_id)
+        """Rank 0 takes ``output_dir`` and recovers leftovers; every rank learns the run id, or the error.
 
-    def _raise_unobserved(self) -> None:
-        """Raise the oldest finished save's failure that nobody has seen; forget settled saves."""
-        for handle in list(self._unsettled):
-            if not handle.done():
-                continue
-            self._unsettled.remove(handle)
-            if handle.failed() and not handle.observed:
-                handle.observed = True
-                raise handle.exception()  # type: ignore[misc]
+        Collective (two small collectives when distributed). Rank 0 blocks up to
+        ``lock_timeout_s`` for a live owner to go. Every rank then checks that it can write there.
+        """
+        run_id, error = uuid.uuid4().hex[:12], None
+        if self.topology.is_rank0:
+            try:
+                self._ownership, self.removed_leftovers, self._last_size = self._take_directory()
+            except CheckpointError as exc:
+                error = exc
+        run_id, error, self._last_size = self._peers.broadcast((run_id, error, self._last_size))
+        if error is None and self._peers.group is not None:
+            errors = self._peers.gather(None if self.topology.is_rank0 else rundir.check_writable(self.output_dir, self.topology.rank))
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            if self._ownership is not None:
+                self._ownership.release()
+            raise error
+        return run_id
+
+    def _take_directory(self) -> tuple[Ownership, list[Path], int]:
+        """Rank 0: create ``output_dir``, own it, recover leftovers; report free space. Training thread."""
+        rundir.make_run_dir(self.output_dir)
+        ownership = acquire(self.output_dir, self.lock_timeout_s)
+        try:
+            removed = rundir.recover(self.output_dir)
+            if removed:
+                logger.warning("[rank 0] removed %d leftover(s) of interrupted saves or deletions: %s",
+                               len(removed), ", ".join(p.name for p in removed))
+            last_size = rundir.report_space(self.output_dir)
+        except BaseException:
+            ownership.release()
+            raise
+        return ownership, removed, last_size
 
     def _bounded_wait_s(self) -> float:
         """The longest a training-thread wait on a save may take: every phase has its own timeout."""
         return self.timeout_s + outcome_margin(self.timeout_s) + 60.0
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._saves.closed:
             raise CheckpointError(f"CheckpointManager for {self.output_dir} is closed")

@@ -1,23 +1,20 @@
-"""Which committed checkpoints to keep, deleting the others, and start-up cleanup.
+"""Which committed checkpoints to keep, and deleting the others through the run-directory module.
 
-``select_for_deletion`` is pure. The deleting functions run on rank 0 only: retention on the
-background commit thread right after a commit, cleanup on the training thread at manager start.
-A checkpoint is always moved out of its ``checkpoint-N`` name (one rename, then a directory
-fsync) before its files are deleted, so a crash mid-delete never leaves a partial checkpoint
-under a committed name (invariant 3).
+``select_for_deletion`` is pure. ``apply_retention`` runs on rank 0's background commit thread
+right after a commit, while this job owns the directory; every rename and delete goes through
+``rundir.delete`` (renamed out of its ``checkpoint-N`` name first, so a crash mid-delete never
+leaves a partial checkpoint under a committed name: invariant 3). A deletion that fails is
+logged as a failure with its reason and retried at the next retention and at the next start.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import faults
-from .layout import checkpoint_dirname, list_committed, list_leftovers, trash_dirname
-from .storage import fsync_dir, remove_tree
+from . import faults, rundir
+from .layout import list_committed
 
 logger = logging.getLogger(__name__)
 
@@ -39,46 +36,26 @@ def select_for_deletion(steps: Iterable[int], limit: int | None, protected: Iter
     return [step for step in ordered if step not in keep][:excess]
 
 
-def delete_checkpoint(output_dir: Path, step: int) -> None:
-    """Remove committed ``checkpoint-<step>``: rename it to a trash name, fsync, then delete."""
-    source = Path(output_dir) / checkpoint_dirname(step)
-    trash = Path(output_dir) / trash_dirname(step, uuid.uuid4().hex[:12], "deleting")
-    os.rename(source, trash)
-    fsync_dir(Path(output_dir))
-    faults.hit("mid_delete", 0)
-    remove_tree(trash)
-
-
 def apply_retention(output_dir: Path, limit: int | None, protected: Iterable[int] = ()) -> list[int]:
-    """Delete the committed checkpoints ``select_for_deletion`` picks; return their steps."""
-    steps = [step for step, _ in list_committed(output_dir)]
-    doomed = select_for_deletion(steps, limit, protected)
-    for step in doomed:
-        delete_checkpoint(output_dir, step)
-        logger.info("retention: deleted checkpoint-%d (limit %s)", step, limit)
-        faults.hit("after_delete", 0)
-    return doomed
+    """Delete the committed checkpoints ``select_for_deletion`` picks; return the steps fully deleted.
 
-
-def clean_leftovers(output_dir: Path, keep_token: str | None = None) -> list[Path]:
-    """Remove what interrupted saves and deletions left behind; return what was removed.
-
-    A ``replaced`` directory whose ``checkpoint-N`` is missing (a crash between the two renames
-    of a re-save) is renamed back to ``checkpoint-N`` instead: it was complete. Directories whose
-    token is ``keep_token`` belong to the running job and are left alone.
+    Rank 0's commit thread. First retries the trash of earlier removals that failed. A checkpoint
+    whose files cannot all be removed is logged at ERROR with the reason; it no longer counts as
+    committed (it was renamed first) and its trash is retried next time.
     """
-    removed = []
-    root = Path(output_dir)
-    for left in list_leftovers(root):
-        if keep_token is not None and left.token.startswith(keep_token):
-            continue
-        final = root / checkpoint_dirname(left.step)
-        if left.kind == "replaced" and not final.exists():
-            os.rename(left.path, final)
-            fsync_dir(root)
-            logger.warning("recovered %s from an interrupted re-save of step %d", final, left.step)
-            continue
-        remove_tree(left.path)
-        removed.append(left.path)
-        logger.info("removed leftover %s", left.path)
-    return removed
+    if limit is None:
+        return []
+    rundir.retry_trash(Path(output_dir))
+    steps = [step for step, _ in list_committed(output_dir)]
+    deleted = []
+    for step in select_for_deletion(steps, limit, protected):
+        try:
+            rundir.delete(Path(output_dir), step)
+        except OSError as exc:
+            logger.error("[rank 0] retention: could not delete checkpoint-%d (limit %s): %s; what is left is retried at the "
+                         "next retention or start", step, limit, exc)
+        else:
+            deleted.append(step)
+            logger.info("[rank 0] retention: deleted checkpoint-%d (limit %s)", step, limit)
+        faults.hit("after_delete", 0)
+    return deleted

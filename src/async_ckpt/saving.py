@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import faults
-from .commit import CommitChannel, Outcome, Report, first_failure
+from . import faults, rundir
+from .store_channel import CommitChannel, Outcome, Report, first_failure
 from .components import FileFormat, StateComponent
-from .errors import CheckpointSaveError, CheckpointTimeoutError, describe
+from .errors import CheckpointSaveError, CheckpointSpaceError, CheckpointTimeoutError, describe
 from .handle import SaveHandle
-from .layout import trash_dirname
 from .manifest import FileEntry, build_manifest, write_manifest
 from .retention import apply_retention
 from .serialization import write_safetensors, write_torch
 from .sharded_io import write_shard
 from .staging import BackgroundSnapshot
-from .storage import FileSink, WrittenFile, publish_directory, remove_tree, write_file
+from .storage import FileSink, WrittenFile, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +70,7 @@ class SaveContext:
     components: list[dict[str, Any]]  # key, sharing_pattern, required, file_format, group, metadata
     protected: frozenset[int] = frozenset()  # steps retention must not delete (CheckpointManager.protect)
     metadata: dict[str, Any] = field(default_factory=dict)  # the manifest's metadata (mesh record, user keys)
+    last_size: int = 0  # bytes of the newest committed checkpoint (commit thread: free-space check)
 
 
 def outcome_margin(timeout_s: float) -> float:
@@ -99,6 +97,8 @@ def _run(ctx: SaveContext, job: SaveJob) -> None:
     started = time.monotonic()
     try:
         report = job.failure or _write_all(ctx, job)
+    except CheckpointSpaceError as exc:  # refused before anything was written
+        report = Report(rank=ctx.rank, ok=False, error=str(exc), kind="space")
     except Exception as exc:  # e.g. the staging directory cannot be created
         report = Report(rank=ctx.rank, ok=False, error=describe(f"{type(exc).__name__}: {exc}", rank=ctx.rank, step=job.step, phase="write", path=job.staging))
     job.handle._release()
@@ -119,13 +119,15 @@ def _run(ctx: SaveContext, job: SaveJob) -> None:
         logger.error("[rank %d step %d] save failed: %s", ctx.rank, job.step, outcome.error)
         job.handle._fail(outcome.exception())
         return
+    ctx.last_size = outcome.size_bytes or ctx.last_size
     job.handle._finish(Path(outcome.path))
     if ctx.rank == 0:
         _retain(ctx, job)
 
 
 def _write_all(ctx: SaveContext, job: SaveJob) -> Report:
-    os.makedirs(job.staging, exist_ok=True)
+    rundir.check_space(ctx.output_dir, ctx.last_size, ctx.rank, job.step)
+    rundir.stage(job.staging, ctx.rank)
     futures = {ctx.io_pool.submit(_write_one, ctx, job.staging, task): task for task in job.tasks}
     files: dict[str, dict[str, Any]] = {}
     error = ""
@@ -197,7 +199,7 @@ def _commit(ctx: SaveContext, job: SaveJob) -> Outcome:
         else:
             outcome = _publish(ctx, job, reports, time.monotonic() - waited)
     if not outcome.ok:
-        remove_tree(job.staging)
+        rundir.discard(job.staging)
     ctx.channel.publish(job.seq, outcome)
     return outcome
 
@@ -210,9 +212,7 @@ def _publish(ctx: SaveContext, job: SaveJob, reports: list[Report], waited_s: fl
         timings["0"]["commit_wait_s"] = waited_s
         manifest = build_manifest(step=job.step, world_size=ctx.world_size, path=job.final, components=ctx.components, files=files, timings=timings, metadata=ctx.metadata)
         write_manifest(job.staging, manifest)
-        faults.hit("before_publish", 0)
-        trash = ctx.output_dir / trash_dirname(job.step, uuid.uuid4().hex[:12], "replaced")
-        publish_directory(job.staging, job.final, trash)
+        rundir.publish(job.staging, job.final)
     except Exception as exc:
         return Outcome(ok=False, error=describe(f"commit failed: {type(exc).__name__}: {exc}", rank=0, step=job.step, phase="commit", path=job.staging))
     total = sum(f.size for f in files.values())
@@ -220,7 +220,7 @@ def _publish(ctx: SaveContext, job: SaveJob, reports: list[Report], waited_s: fl
         "[rank 0 step %d] committed %s: %d files, %d bytes, stall %.1f ms, persist %.2f s",
         job.step, job.final, len(files), total, 1000 * job.timings.get("stall_s", 0.0), reports[0].timings.get("persist_s", 0.0),
     )
-    return Outcome(ok=True, path=str(job.final))
+    return Outcome(ok=True, path=str(job.final), size_bytes=total)
 
 
 def _retain(ctx: SaveContext, job: SaveJob) -> None:

@@ -1,7 +1,8 @@
-"""Bytes on disk: atomic file writes with xxh3 and optional zstd, fsync, safe reads, publishing.
+"""Bytes on disk: atomic file writes with xxh3 and optional zstd, fsync, safe reads.
 
 Everything here is synchronous and thread-safe per file: the background I/O threads call
-``write_file`` concurrently for different files. Nothing here talks to other ranks.
+``write_file`` concurrently for different files. Nothing here talks to other ranks. Directories
+(staging, publishing, deleting) are ``rundir``'s.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import sys
 from collections.abc import Callable
@@ -162,39 +162,6 @@ def write_file(directory: Path, name: str, produce: Callable[[FileSink], None], 
     os.close(fd)
     os.replace(tmp, final)
     return WrittenFile(name=name, size=sink.size, xxh3=digest, codec=codec)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_directory(staging: Path, final: Path, trash: Path) -> None:
-    """Atomically give a complete staging directory its committed name.
-
-    Called by rank 0's commit thread after the manifest is durable. If ``final`` exists (a step
-    saved again after a rewind) it is first moved to ``trash``, so there is never a moment with
-    a partial directory under the committed name; ``recover_replaced`` undoes a crash between the
-    two renames. Blocks on disk I/O.
-    """
-    fsync_dir(staging)
-    replaced = False
-    if final.exists():
-        os.rename(final, trash)
-        replaced = True
-    os.rename(staging, final)
-    fsync_dir(final.parent)
-    if replaced:
-        remove_tree(trash)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a directory tree that is no longer under a committed name."""
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def safe_member(directory: Path, name: str) -> Path:

@@ -135,7 +135,7 @@ def test_two_torchrun_launches_share_one_checkpoint_directory(tmp_path: Path) ->
     assert [(r["node"], r["local_rank"]) for r in saved] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     ckpt = tmp_path / "run" / "checkpoint-5"
     assert all(r["committed"] == str(ckpt) for r in saved)
-    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-4", "checkpoint-5"]
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n != "async_ckpt.lock") == ["checkpoint-4", "checkpoint-5"]
     manifest = json.loads((ckpt / "checkpoint_manifest.json").read_text())
     files = manifest["files"]
     assert manifest["world_size"] == 4

@@ -34,7 +34,7 @@ from async_ckpt import (
     rng_component,
 )
 from async_ckpt.errors import CheckpointConfigError
-from async_ckpt.layout import MANIFEST_NAME, list_committed, list_leftovers
+from async_ckpt.layout import LOCK_NAME, MANIFEST_NAME, list_committed, list_leftovers, staging_dirname
 from async_ckpt.manifest import check_files, read_manifest
 from async_ckpt.storage import hash_file
 
@@ -114,7 +114,7 @@ def _assert_same(a, b, path="") -> None:
 
 
 def _names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME)  # the lock file stays: ownership.py
 
 
 def _flip_byte(path: Path, offset: int = -5) -> None:
@@ -741,20 +741,15 @@ def test_duplicate_components_refused(tmp_path):
         CheckpointManager(tmp_path, [StateComponent("model", model), StateComponent("model", opt)])
 
 
-def test_staging_dir_that_cannot_be_created_fails_the_save_instead_of_hanging(tmp_path, monkeypatch):
-    import async_ckpt.saving as saving
-
+def test_staging_dir_that_cannot_be_created_fails_the_save_instead_of_hanging(tmp_path):
     model, opt = _setup()
     with CheckpointManager(tmp_path, _components(model, opt)) as mgr:
         mgr.save(1).wait()
-
-        def refuse(*args, **kwargs):
-            raise PermissionError(13, "Permission denied")
-
-        monkeypatch.setattr(saving.os, "makedirs", refuse)
-        with pytest.raises(CheckpointSaveError, match=r"phase write\] PermissionError"):
+        blocker = tmp_path / staging_dirname(2, f"{mgr.run_id}-1")  # a file where save 2's staging directory goes
+        blocker.write_bytes(b"in the way")
+        with pytest.raises(CheckpointSaveError, match=r"phase write\] FileExistsError"):
             mgr.save(2).wait(timeout=30)
-        monkeypatch.undo()
+        blocker.unlink()
         assert mgr.save(3).wait() == tmp_path / "checkpoint-3"
     assert [step for step, _ in list_committed(tmp_path)] == [1, 3]
 

@@ -1,4 +1,4 @@
-"""async_ckpt.retention: which checkpoints to delete (pure), deleting them, start-up cleanup."""
+"""async_ckpt.retention: which checkpoints to delete (pure), and deleting them through rundir."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from async_ckpt import retention
 from async_ckpt.layout import list_committed, list_leftovers
-from async_ckpt.retention import apply_retention, clean_leftovers, delete_checkpoint, select_for_deletion
+from async_ckpt.retention import apply_retention, select_for_deletion
 
 
 def _make(root: Path, name: str, content: bytes = b"x") -> Path:
@@ -49,7 +48,10 @@ def test_select_for_deletion(steps, limit, protected, expected):
 @pytest.mark.parametrize("steps", [[1, 2, 3], list(range(50))])
 @pytest.mark.parametrize("limit", [1, 2, 5])
 def test_newest_never_deleted(steps, limit):
-    doomed = select_for_deletion(steps, limit, protected=steps[:-1])
+    # The oldest `limit` steps are protected and count toward the limit, so the newest is over it:
+    # only the rule "the newest is always kept" saves it.
+    doomed = select_for_deletion(steps, limit, protected=steps[:limit])
+    assert doomed == steps[limit:-1]
     assert max(steps) not in doomed
     assert max(steps) not in select_for_deletion(steps, limit)
 
@@ -81,80 +83,21 @@ def test_apply_retention_protected_and_none(tmp_path):
     assert [s for s, _ in list_committed(tmp_path)] == [1, 4]
 
 
-def test_delete_checkpoint_leaves_no_partial_dir(tmp_path):
-    _make(tmp_path, "checkpoint-3")
-    _make(tmp_path, "checkpoint-4")
-    delete_checkpoint(tmp_path, 3)
-    assert not (tmp_path / "checkpoint-3").exists()
+def test_a_deletion_that_fails_is_logged_as_a_failure_and_retried(tmp_path, caplog):
+    """rmtree errors used to be ignored: "deleted checkpoint-1" was logged while its files stayed."""
+    import logging
+
+    from tests.unit.test_rundir import _undeletable
+
+    for step in (1, 2, 3):
+        _make(tmp_path, f"checkpoint-{step}")
+    with _undeletable(tmp_path / "checkpoint-1"):
+        with caplog.at_level(logging.INFO, "async_ckpt"):
+            assert apply_retention(tmp_path, 2) == []
+        assert "retention: could not delete checkpoint-1" in caplog.text
+        assert "deleted checkpoint-1" not in caplog.text
+        (left,) = list_leftovers(tmp_path)
+        assert left.kind == "deleting"
+    assert [s for s, _ in list_committed(tmp_path)] == [2, 3]
+    assert apply_retention(tmp_path, 2) == []  # nothing to select: the retry removes the trash
     assert list_leftovers(tmp_path) == []
-    assert [s for s, _ in list_committed(tmp_path)] == [4]
-
-
-def test_delete_checkpoint_renames_before_deleting(tmp_path, monkeypatch):
-    """A crash during the file deletions (simulated: remove_tree dies) leaves no checkpoint-N."""
-    _make(tmp_path, "checkpoint-3", b"complete")
-
-    def crash(path):
-        raise KeyboardInterrupt("killed mid-delete")
-
-    monkeypatch.setattr(retention, "remove_tree", crash)
-    with pytest.raises(KeyboardInterrupt):
-        delete_checkpoint(tmp_path, 3)
-    assert not (tmp_path / "checkpoint-3").exists()
-    (left,) = list_leftovers(tmp_path)
-    assert left.kind == "deleting" and left.step == 3
-    assert (left.path / "model.safetensors").read_bytes() == b"complete"
-    monkeypatch.undo()
-    assert clean_leftovers(tmp_path) == [left.path]
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_delete_missing_checkpoint_raises(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        delete_checkpoint(tmp_path, 1)
-
-
-# ------------------------------------------------------------------------------ clean_leftovers
-
-
-def test_clean_leftovers_removes_staging_and_deleting(tmp_path):
-    _make(tmp_path, "checkpoint-1")
-    staging = _make(tmp_path, ".checkpoint-9.staging-abc")
-    deleting = _make(tmp_path, ".checkpoint-1.deleting-def")
-    removed = clean_leftovers(tmp_path)
-    assert sorted(removed) == sorted([staging, deleting])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
-    assert (tmp_path / "checkpoint-1" / "model.safetensors").read_bytes() == b"x"
-
-
-def test_clean_leftovers_restores_replaced_when_committed_name_missing(tmp_path):
-    _make(tmp_path, ".checkpoint-5.replaced-abc", b"old complete")
-    _make(tmp_path, ".checkpoint-5.staging-def", b"new")
-    removed = clean_leftovers(tmp_path)
-    assert removed == [tmp_path / ".checkpoint-5.staging-def"]
-    assert (tmp_path / "checkpoint-5" / "model.safetensors").read_bytes() == b"old complete"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
-
-
-def test_clean_leftovers_removes_replaced_when_committed_name_present(tmp_path):
-    _make(tmp_path, "checkpoint-5", b"new complete")
-    replaced = _make(tmp_path, ".checkpoint-5.replaced-abc", b"old")
-    assert clean_leftovers(tmp_path) == [replaced]
-    assert (tmp_path / "checkpoint-5" / "model.safetensors").read_bytes() == b"new complete"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
-
-
-def test_clean_leftovers_keeps_own_token(tmp_path):
-    mine = _make(tmp_path, ".checkpoint-9.staging-run1-0")
-    mine2 = _make(tmp_path, ".checkpoint-10.staging-run1-1")
-    other = _make(tmp_path, ".checkpoint-9.staging-run2-0")
-    assert clean_leftovers(tmp_path, keep_token="run1") == [other]
-    assert mine.is_dir() and mine2.is_dir() and not other.exists()
-
-
-def test_clean_leftovers_of_missing_or_clean_dir(tmp_path):
-    assert clean_leftovers(tmp_path / "nope") == []
-    _make(tmp_path, "checkpoint-1")
-    (tmp_path / "notes.txt").write_text("user file")
-    assert clean_leftovers(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "notes.txt"]

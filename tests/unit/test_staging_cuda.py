@@ -8,7 +8,7 @@ import torch
 from async_ckpt import CheckpointManager, StateComponent
 from async_ckpt.staging import StagingPool, frozen_identities
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu  # tests/conftest.py skips these without CUDA
 
 
 def _model():
@@ -37,6 +37,22 @@ def test_pinned_buffers_hold_the_point_in_time_copy():
     torch.cuda.synchronize()
     for name, value in expected.items():
         assert staged[name].is_pinned() and torch.equal(staged[name], value), name
+
+
+def test_side_stream_waits_for_the_kernels_that_produce_the_state():
+    """The copy runs on a side stream: it must start only after the training stream wrote the values.
+
+    ``torch.cuda._sleep`` keeps the training stream busy before the ``fill_`` that produces the
+    tensor; a side stream that does not wait for the training stream's event copies the zeros.
+    """
+    source = torch.zeros(16 << 20, device="cuda")  # 64 MiB
+    pool = StagingPool()
+    pool.stage("state", {"x": source})  # buffers allocated; the next stage() reuses them
+    torch.cuda._sleep(200_000_000)  # about 0.1 s of spinning on the training stream
+    source.fill_(7.0)
+    staged = pool.stage("state", {"x": source})
+    assert staged["x"].is_pinned()
+    assert torch.equal(staged["x"], torch.full((16 << 20,), 7.0)), "the copy did not wait for the training stream"
 
 
 def test_incremental_on_cuda_skips_frozen_and_copies_changes():

@@ -14,7 +14,7 @@ import zstandard
 from async_ckpt import storage
 from async_ckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
 from async_ckpt.serialization import tensor_bytes
-from async_ckpt.storage import FileSink, hash_file, publish_directory, read_file, safe_member, write_file
+from async_ckpt.storage import FileSink, hash_file, read_file, safe_member, write_file
 
 _DATA = bytes(range(256)) * 1000 + b"tail"
 
@@ -161,34 +161,6 @@ def test_safe_member_refuses_directories_and_symlinks(tmp_path):
     assert safe_member(tmp_path, "absent.pt") == tmp_path / "absent.pt"
     (tmp_path / "ok.pt").write_bytes(b"x")
     assert safe_member(tmp_path, "ok.pt") == tmp_path / "ok.pt"
-
-
-# ------------------------------------------------------------------------------ publish_directory
-
-
-def _dir(path: Path, content: bytes) -> Path:
-    path.mkdir()
-    (path / "model.safetensors").write_bytes(content)
-    return path
-
-
-def test_publish_new_directory(tmp_path):
-    staging = _dir(tmp_path / ".checkpoint-1.staging-a", b"new")
-    final, trash = tmp_path / "checkpoint-1", tmp_path / ".checkpoint-1.replaced-b"
-    publish_directory(staging, final, trash)
-    assert (final / "model.safetensors").read_bytes() == b"new"
-    assert not staging.exists() and not trash.exists()
-
-
-def test_publish_replaces_existing_directory(tmp_path):
-    _dir(tmp_path / "checkpoint-1", b"old")
-    (tmp_path / "checkpoint-1" / "only_in_old.pt").write_bytes(b"stale")
-    staging = _dir(tmp_path / ".checkpoint-1.staging-a", b"new")
-    final, trash = tmp_path / "checkpoint-1", tmp_path / ".checkpoint-1.replaced-b"
-    publish_directory(staging, final, trash)
-    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
-    assert (final / "model.safetensors").read_bytes() == b"new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
 
 
 # ------------------------------------------------------------------------------ FileSink

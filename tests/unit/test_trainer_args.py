@@ -21,8 +21,9 @@ def test_defaults_turn_on_async_auto_resuming_checkpoints() -> None:
 
 
 def test_keyword_only_and_frozen() -> None:
+    assert str(TrainingArguments("out").output_dir) == "out"  # output_dir is positional, as in HF
     with pytest.raises(TypeError):
-        TrainingArguments("out")  # type: ignore[misc]
+        TrainingArguments("out", 3)  # type: ignore[misc]
     args = TrainingArguments(output_dir="out")
     with pytest.raises(dataclasses.FrozenInstanceError):
         args.max_steps = 3  # type: ignore[misc]
@@ -45,7 +46,7 @@ def test_keyword_only_and_frozen() -> None:
         ("save_on_busy", "wait", "save_on_busy must be one of 'block', 'skip'"),
         ("save_timeout_s", 0, "save_timeout_s must be a number of seconds > 0"),
         ("save_io_threads", 0, "save_io_threads must be a positive integer"),
-        ("lr_scheduler_type", "cosine", "lr_scheduler_type must be one of 'constant', 'linear'"),
+        ("lr_scheduler_type", "cosine_annealing", "lr_scheduler_type must be one of 'constant', 'constant_with_warmup', 'linear', 'cosine'"),
         ("max_grad_norm", 0.0, "max_grad_norm must be None or a number > 0"),
         ("output_dir", "", "output_dir must be a non-empty path"),
     ],

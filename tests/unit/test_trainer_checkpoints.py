@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from async_ckpt import CheckpointCorruptError, CheckpointNotFoundError, CheckpointSaveError, SharingPattern, StateComponent
+from async_ckpt import CheckpointConfigError, CheckpointCorruptError, CheckpointNotFoundError, CheckpointSaveError, SharingPattern, StateComponent
 from async_ckpt.trainer import Trainer, TrainingArguments
 from async_ckpt.trainer.checkpoint_types import StateComponent as GuideStateComponent
 from tests.distributed.trainer_child import RegressionData, StopTrainer, new_model
@@ -35,7 +35,7 @@ def _train(out: Path, cls: type = Trainer, seed: int = 0, **overrides: Any) -> A
 
 def test_files_match_the_guide_and_retention_keeps_the_newest(tmp_path: Path) -> None:
     trainer, output = _train(tmp_path, max_steps=30, save_total_limit=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-25", "checkpoint-30"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-25", "checkpoint-30"]
     assert output.last_checkpoint == tmp_path / "checkpoint-30"
     assert sorted(p.name for p in (tmp_path / "checkpoint-30").iterdir()) == GUIDE_FILES
     manifest = json.loads((tmp_path / "checkpoint-30" / "checkpoint_manifest.json").read_text())
@@ -60,7 +60,7 @@ def test_save_safetensors_false_writes_model_pt(tmp_path: Path) -> None:
 def test_epochs_and_strategies(tmp_path: Path) -> None:
     _, output = _train(tmp_path / "epochs", max_steps=-1, num_train_epochs=2, save_strategy="epoch")
     assert output.global_step == 20
-    assert sorted(p.name for p in (tmp_path / "epochs").iterdir()) == ["checkpoint-10", "checkpoint-20"]
+    assert sorted(p.name for p in (tmp_path / "epochs").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
     _, output = _train(tmp_path / "none", save_strategy="no")
     assert output.last_checkpoint is None and not any((tmp_path / "none").glob("checkpoint-*"))
 
@@ -69,9 +69,13 @@ def test_resume_true_without_checkpoint_starts_fresh_and_false_ignores_them(tmp_
     caplog.set_level(logging.INFO, logger="async_ckpt.trainer")
     _, first = _train(tmp_path, max_steps=10)
     assert first.resumed_from is None and "no committed checkpoint" in caplog.text
-    _, again = _train(tmp_path, max_steps=10, resume_from_checkpoint=False)
-    assert again.resumed_from is None and again.steps_this_run == 10
-    assert "already holds checkpoints of later steps (up to 10)" in caplog.text
+    with pytest.raises(CheckpointConfigError, match=r"resume_from_checkpoint=False, but .* holds checkpoints .*overwrite_output_dir=True"):
+        _train(tmp_path, max_steps=10, resume_from_checkpoint=False)
+    assert (tmp_path / "checkpoint-10").is_dir()  # refused before anything was touched
+    _, again = _train(tmp_path, max_steps=5, save_steps=5, resume_from_checkpoint=False, overwrite_output_dir=True)
+    assert again.resumed_from is None and again.steps_this_run == 5
+    assert "deleting the 2 checkpoint(s) of the previous run" in caplog.text
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5"]  # the old run's 10 is gone
     with pytest.raises(CheckpointNotFoundError):
         _train(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-999"))
 
@@ -148,7 +152,7 @@ def test_a_failed_save_is_logged_and_training_goes_on(tmp_path: Path, caplog: py
 
     trainer, output = _train(tmp_path, cls=Flaky, max_steps=15)
     assert output.global_step == 15 and output.last_checkpoint == tmp_path / "checkpoint-15"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-15"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15"]
     failures = [r.getMessage() for r in caplog.records if "checkpoint save failed, training goes on" in r.getMessage()]
     assert len(failures) == 1 and "step 5" in failures[0] and "injected failure" in failures[0]
 
@@ -159,7 +163,7 @@ def test_a_failed_final_save_raises(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointSaveError, match="injected failure"):
         _train(tmp_path, cls=FailsLast, max_steps=7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5"]
 
 
 def test_compute_loss_for_tuple_batches_and_a_clear_error_without_it(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_sync_saves_train_the_same_as_async_saves(straight: StopTrainer, tmp_pat
 def test_epoch_save_strategy_resumes_bitwise(straight: StopTrainer, tmp_path: Path) -> None:
     first = _trainer(tmp_path / "run", stop_at=25, save_strategy="epoch")
     first.train()
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-25"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-25"]
     shutil.rmtree(tmp_path / "run" / "checkpoint-25")  # as if killed after the second epoch's save
     resumed = _trainer(tmp_path / "run", fresh=False, save_strategy="epoch")
     output = resumed.train()
@@ -101,4 +101,4 @@ def test_a_finished_run_does_nothing_when_started_again(tmp_path: Path) -> None:
     again = _trainer(tmp_path / "run", max_steps=5, save_steps=5)
     output = again.train()
     assert output.steps_this_run == 0 and output.global_step == 5 and again.steps_run == 0
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-5"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-5"]

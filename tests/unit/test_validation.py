@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from async_ckpt.components import ValidationLevel
 from async_ckpt.validation import (
@@ -177,9 +178,27 @@ def test_problems_group_ranks_and_keep_rank_zero_as_reference():
     assert compare_digests([bad_digests, base, base]) == ["'state.1.exp_avg' differs on rank(s) 1, 2"]
 
 
-def test_nothing_to_compare_returns_without_a_process_group():
-    for level in ValidationLevel:
-        validate_replication("model", _optim_state(), level, None, rank=0, step=1)
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank, in this process."""
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("level", list(ValidationLevel))
+@pytest.mark.parametrize("use_group", [False, True], ids=["no group", "one-rank group"])
+def test_nothing_to_compare_digests_nothing(level, use_group, request):
+    """Without a group, or with a group of one, nothing is digested: a state that cannot be read passes.
+
+    A meta tensor has no bytes: digesting it raises, so this fails if either early return goes.
+    """
+    group = request.getfixturevalue("one_rank_group") if use_group else None
+    unreadable = {"w": torch.empty(4, device="meta")}
+    validate_replication("model", unreadable, level, group, rank=0, step=1)
 
 
 def test_message_names_ranks_and_at_most_five_paths():

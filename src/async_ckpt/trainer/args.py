@@ -8,25 +8,26 @@ reason and the fix, so a typo fails before any model is built. ``DDPTrainingArgu
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
+from .schedulers import SCHEDULER_TYPES
+
 SAVE_STRATEGIES = ("no", "steps", "epoch")
-SCHEDULER_TYPES = ("constant", "linear")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingArguments:
     """Arguments of ``Trainer.train()``; the defaults turn on async, auto-resuming checkpoints."""
 
-    output_dir: Union[str, "os.PathLike[str]"] = "tmp_trainer"  # checkpoints go to <output_dir>/checkpoint-<step>
+    output_dir: Union[str, "os.PathLike[str]"] = field(default="tmp_trainer", kw_only=False)  # positional, as in HF; checkpoints go to <output_dir>/checkpoint-<step>
     max_steps: int = -1  # optimizer steps to train; -1: train num_train_epochs epochs instead
     num_train_epochs: int = 1  # epochs to train when max_steps is -1
     per_device_train_batch_size: int = 8  # samples per rank per step
     learning_rate: float = 5e-5  # peak learning rate of the default AdamW
     weight_decay: float = 0.0  # AdamW weight decay
-    lr_scheduler_type: str = "linear"  # "constant" | "linear" (warmup, then decay to 0 at the last step)
-    warmup_steps: int = 0  # linear warmup steps of the default scheduler
+    lr_scheduler_type: str = "linear"  # "constant" | "constant_with_warmup" | "linear" | "cosine" | "cosine_with_restarts" (HF's formulas)
+    warmup_steps: int = 0  # linear warmup steps of the default scheduler (HF: overrides warmup_ratio when > 0)
     max_grad_norm: float | None = None  # clip the gradient norm to this value; None: no clipping
     seed: int = 42  # seeds Python, NumPy and torch at train(); data order is a function of (seed, epoch)
     logging_steps: int = 10  # log loss and learning rate every N steps; 0: never
@@ -50,6 +51,13 @@ class TrainingArguments:
     interrupt_grace_s: float | None = None  # seconds from a signal to the kill (the scheduler's notice): a final save that would not fit is skipped; None: no limit
     exit_on_interrupt: bool = True  # after a signal stop, train() raises TrainingInterrupted (exit status 130/143); False: it returns
     control_poll_s: float | None = 1.0  # rank 0 looks for <output_dir>/async_ckpt.control this often; 0: every step; None: never
+    # ownership of output_dir (issue 15)
+    save_lock_timeout_s: float = 60.0  # wait this long for another job that owns output_dir to end (a requeue's predecessor)
+    overwrite_output_dir: bool = False  # resume_from_checkpoint=False into a directory with checkpoints deletes them; else refused
+
+    # Hugging Face Trainer habits (issue 19): same names and meanings as transformers.TrainingArguments
+    warmup_ratio: float = 0.0  # warmup as a fraction of the training steps, used when warmup_steps is 0
+    lr_scheduler_kwargs: dict[str, Any] | None = None  # extra schedule arguments: {"num_cycles": ...} for the cosine ones
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -74,6 +82,7 @@ class TrainingArguments:
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
             out.append(f"max_grad_norm must be None or a number > 0, got {self.max_grad_norm!r}")
         out += _choice(self, "lr_scheduler_type", SCHEDULER_TYPES)
+        out += self._hf_problems()
         out += _choice(self, "save_strategy", SAVE_STRATEGIES)
         if self.save_strategy == "steps" and (not _is_int(self.save_steps) or self.save_steps < 1):
             out.append(f"save_steps must be a positive integer with save_strategy='steps', got {self.save_steps!r}")
@@ -101,6 +110,17 @@ class TrainingArguments:
             out.append(f"save_timeout_s must be a number of seconds > 0, got {self.save_timeout_s!r}")
         if not isinstance(self.save_io_nice, int) or not 0 <= self.save_io_nice <= 19:
             out.append(f"save_io_nice must be an integer from 0 to 19, got {self.save_io_nice!r}")
+        out += _ownership_problems(self)
+        return out
+
+    def _hf_problems(self) -> list[str]:
+        """Bad values of the Hugging Face style arguments (issue 19's block)."""
+        out = []
+        if not isinstance(self.warmup_ratio, (int, float)) or isinstance(self.warmup_ratio, bool) or not 0 <= self.warmup_ratio <= 1:
+            out.append(f"warmup_ratio must be a number from 0 to 1, got {self.warmup_ratio!r}")
+        kwargs = self.lr_scheduler_kwargs
+        if kwargs is not None and (not isinstance(kwargs, dict) or set(kwargs) - {"num_cycles"}):
+            out.append(f"lr_scheduler_kwargs must be None or a dict with 'num_cycles' only, got {kwargs!r}")
         return out
 
     def manager_options(self) -> dict[str, Any]:
@@ -115,7 +135,17 @@ class TrainingArguments:
             "timeout_s": float(self.save_timeout_s),
             "on_busy": self.save_on_busy,
             "io_nice": self.save_io_nice,
+            "lock_timeout_s": float(self.save_lock_timeout_s),
         }
+
+
+def _ownership_problems(args: Any) -> list[str]:
+    """Bad values of the ownership arguments (issue 15)."""
+    out = _bools(args, "overwrite_output_dir")
+    value = args.save_lock_timeout_s
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        out.append(f"save_lock_timeout_s must be a number of seconds >= 0, got {value!r}")
+    return out
 
 
 def _is_int(value: Any) -> bool:

@@ -190,7 +190,7 @@ class BaseTrainer:
 
     # --------------------------------------------------------------------------- the loop
 
-    def train(self) -> TrainOutput:
+    def train(self, resume_from_checkpoint: bool | str | Any = None) -> TrainOutput:
         """Resume (per ``args.resume_from_checkpoint``), train, save a final checkpoint, drain saves.
 
         Training thread (the main thread, where SIGINT/SIGTERM can be handled), every rank.
@@ -200,9 +200,12 @@ class BaseTrainer:
         step boundary on every rank together (docs/stopping.md); after a signal, once the saves
         have ended, raises ``TrainingInterrupted`` (a ``SystemExit``: status 130 or 143) unless
         ``args.exit_on_interrupt`` is False. A second Ctrl+C raises ``KeyboardInterrupt`` at once.
+        ``resume_from_checkpoint`` (HF's argument): True, False or a path overrides
+        ``args.resume_from_checkpoint`` for this call; None keeps it.
         """
         self._seed()
         self._stop = False
+        self._resume_target = self.args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         with SignalWatcher(self.args.handle_signals, self.rank) as watcher:
             output = self._train(watcher)
         self.exit_code = output.exit_code
@@ -219,8 +222,11 @@ class BaseTrainer:
         boundary = StepBoundary(watcher, self.args, rank=self.rank, world_size=self.world_size, group=manager.coordination_group)
         stop: Decision | None = None
         try:
-            resumed, skipped = checkpoints.resume(self.args.resume_from_checkpoint, self.state)
+            resumed, skipped = checkpoints.resume(self._resume_target, self.state, self.args.overwrite_output_dir)
             first_step, total = self.state.global_step, torch.zeros(())
+            if resumed is not None and self._finished() and self.rank == 0:
+                logger.warning("[rank 0 step %d] training already finished at step %d (resumed from %s): nothing to do",
+                               self.state.global_step, self.state.global_step, resumed)
             self.train_model.train()
             while not self._finished():
                 batch = self._next_batch()

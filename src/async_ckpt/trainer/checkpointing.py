@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import CheckpointError, CheckpointManager, CheckpointSaveError, ReplicationValidationError, SaveHandle
+from .. import CheckpointConfigError, CheckpointError, CheckpointManager, CheckpointSaveError, ReplicationValidationError, SaveHandle
+from .. import rundir
 from ..layout import list_committed
 from .control import Decision, StepBoundary
 from .signals import exit_at_shutdown
@@ -57,8 +58,7 @@ class TrainerCheckpoints:
 
         AdamW creates its state at its first step, so that is the earliest moment the buffers can
         match the state; the first save then stalls about as long as the later ones instead of
-        also faulting in fresh memory (3.4x the copy floor without, 1.2x with, at 516 MiB;
-        docs/performance.md). Training thread; not collective. Blocks for the allocation. A
+        also faulting in fresh memory (docs/performance.md, "Targets": the first save). Training thread; not collective. Blocks for the allocation. A
         component whose ``state_dict()`` fails here is logged, not raised: the save that meets
         the same failure reports it the way every failed save does.
         """
@@ -200,8 +200,10 @@ class TrainerCheckpoints:
         """Training is unwinding with ``exc``: drain in-flight saves, log (not raise) their errors."""
         self.manager.__exit__(type(exc), exc, exc.__traceback__)
 
-    def resume(self, target: bool | str | os.PathLike[str], state: Any) -> tuple[Path | None, list[str]]:
+    def resume(self, target: bool | str | os.PathLike[str], state: Any, overwrite: bool = False) -> tuple[Path | None, list[str]]:
         """Load per ``resume_from_checkpoint``; log loaded / skipped / failed. Returns (path, skipped keys)."""
+        if target is False:
+            fresh_start(self.manager.output_dir, overwrite, self.rank)
         resumed = self._load(target, state)
         ahead = [step for step, _ in list_committed(self.manager.output_dir) if step > state.global_step]
         if ahead and self.rank == 0:
@@ -229,4 +231,31 @@ class TrainerCheckpoints:
             logger.warning("[rank %d] component '%s' not restored: %s", self.rank, key, _SKIP_NOTES.get(key, "it keeps its current state"))
         if state.global_step == result.step:
             self.last_saved = result.step
+            self.last_committed = result.path  # a rerun of a finished job returns the checkpoint it found
         return result.path, list(result.skipped)
+
+
+# --------------------------------------------------------------------- a fresh start (issue 15)
+
+
+def fresh_start(output_dir: Path, overwrite: bool, rank: int) -> None:
+    """``resume_from_checkpoint=False`` into ``output_dir``: refuse it if it holds checkpoints,
+    unless ``overwrite_output_dir=True``, which deletes them first (rank 0, through ``rundir``).
+
+    Training thread, every rank, right after the manager is built (it owns the directory, and
+    start-up recovery is done, so every rank lists the same checkpoints). Two runs never mix
+    under one directory: resume and retention would take the old run's higher steps for this one's.
+    """
+    steps = [step for step, _ in list_committed(output_dir)]
+    if not steps:
+        return
+    if not overwrite:
+        raise CheckpointConfigError(
+            f"[rank {rank}] resume_from_checkpoint=False, but {output_dir} holds checkpoints of another run "
+            f"(steps {', '.join(map(str, steps[-3:]))}{' ...' if len(steps) > 3 else ''}): resume (resume_from_checkpoint=True), "
+            "use a new output_dir, or pass overwrite_output_dir=True to delete them"
+        )
+    if rank == 0:
+        logger.warning("[rank 0] overwrite_output_dir=True: deleting the %d checkpoint(s) of the previous run in %s: steps %s",
+                       len(steps), output_dir, ", ".join(map(str, steps)))
+        rundir.delete_all(Path(output_dir))

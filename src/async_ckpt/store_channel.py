@@ -1,4 +1,4 @@
-"""Per-rank reports, rank 0's commit, and one outcome that every rank sees.
+"""Per-rank reports and one outcome that every rank sees: the c10d Store channel of a save.
 
 Ranks coordinate through a c10d ``Store`` (the job's default store under a per-run prefix, or a
 ``HashStore`` for a single process), never through a collective, so this runs on each rank's
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointSaveError, CheckpointTimeoutError, ReplicationValidationError
+from .errors import CheckpointSaveError, CheckpointSpaceError, CheckpointTimeoutError, ReplicationValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ _ERROR_TYPES = {
     "save": CheckpointSaveError,
     "timeout": CheckpointTimeoutError,
     "replication": ReplicationValidationError,
+    "space": CheckpointSpaceError,
 }
 
 
@@ -45,7 +46,7 @@ class Report:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> FileEntry fields
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     error: str = ""  # message naming rank, step, phase and path when not ok
-    kind: str = "save"  # error type: "save" | "timeout" | "replication"
+    kind: str = "save"  # error type: "save" | "timeout" | "replication" | "space"
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Outcome:
     path: str = ""
     error: str = ""
     kind: str = "save"
+    size_bytes: int = 0  # bytes of the committed checkpoint: the next save's free-space check
 
     def exception(self) -> CheckpointSaveError:
         return _ERROR_TYPES.get(self.kind, CheckpointSaveError)(self.error)

@@ -1,4 +1,4 @@
-"""async_ckpt.commit: the report/collect/publish/outcome protocol on a real c10d HashStore.
+"""async_ckpt.store_channel: the report/collect/publish/outcome protocol on a real c10d HashStore.
 
 Threads stand in for ranks: each has its own CommitChannel on one shared store.
 """
@@ -13,7 +13,7 @@ from dataclasses import asdict
 import pytest
 import torch.distributed as dist
 
-from async_ckpt.commit import CommitChannel, Outcome, Report, first_failure
+from async_ckpt.store_channel import CommitChannel, Outcome, Report, first_failure
 from async_ckpt.errors import CheckpointSaveError, CheckpointTimeoutError, ReplicationValidationError
 
 

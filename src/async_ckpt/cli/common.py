@@ -1,7 +1,7 @@
 """What the ``async-ckpt`` subcommand modules share: ``CliError`` and plain-text output helpers.
 
-``cli`` (the entry point) and the ``cli_*`` command modules import from here, never from each
-other, so the imports stay one-way (docs/design.md).
+``cli.main`` (the entry point) and the command modules (``state``, ``export``, ``bench``, ``ctl``)
+import from here, never from each other, so the imports stay one-way (docs/design.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from .cli_common import CliError, table
+from .common import CliError, table
 
 def find_benchmarks(perf_dir: Path) -> dict[str, str]:
     """``{name: first docstring line}`` of the modules in ``perf_dir`` that define ``main``.
@@ -33,7 +33,7 @@ def find_benchmarks(perf_dir: Path) -> dict[str, str]:
 
 
 def _perf_dir(given: Path | None) -> Path:
-    candidates = [given] if given is not None else [Path.cwd() / "perf", Path(__file__).resolve().parents[2] / "perf"]
+    candidates = [given] if given is not None else [Path.cwd() / "perf", Path(__file__).resolve().parents[3] / "perf"]
     for candidate in candidates:
         if (candidate / "__init__.py").is_file():
             return candidate.resolve()

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from .cli_common import CliError
+from .common import CliError
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from .trainer.control import write_command  # the trainer layer, imported by this command only
+    from ..trainer.control import write_command  # the trainer layer, imported by this command only
 
     if not args.dir.is_dir():
         raise CliError(f"{args.dir} is not a directory: give the trainer's output_dir")

@@ -1,13 +1,4 @@
-"""The ``async-ckpt`` command: argument parser, logging setup and dispatch (``main``).
-
-Each subcommand is a ``cmd_<name>(args) -> int`` run by ``main`` in the calling process; none of
-them takes part in a training job. They live in sibling modules: ``cli_state`` (``list``,
-``inspect``, ``verify``, ``clean``), ``cli_bench`` (``bench``) and ``cli_ctl`` (``ctl``, which
-leaves a request for a running trainer in its output directory: docs/stopping.md); ``export`` is
-the small ``cmd_export`` below over ``export.export_model``. ``cli_common`` holds ``CliError``
-and the output helpers they share. Exit codes: 0 success; 1 a damaged checkpoint or an expected
-error (one message on stderr, no traceback); 2 bad usage (argparse); 130 interrupted.
-"""
+"""The ``async-ckpt`` argument parser, logging setup and dispatch (``main``)."""
 
 from __future__ import annotations
 
@@ -18,15 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_bench import cmd_bench
-from .cli_common import CliError, human
-from .cli_ctl import cmd_ctl
-from .cli_state import RECENT_S, cmd_clean, cmd_inspect, cmd_list, cmd_verify
-from .errors import CheckpointError
-from .export import export_model
-
-logger = logging.getLogger(__name__)
-
+from ..errors import CheckpointError
+from .bench import cmd_bench
+from .common import CliError
+from .ctl import cmd_ctl
+from .export import cmd_export
+from .state import RECENT_S, cmd_clean, cmd_inspect, cmd_list, cmd_verify
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``async-ckpt`` and ``python -m async_ckpt.cli``; returns the exit code."""
@@ -45,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="async-ckpt", description="Inspect and maintain async_ckpt checkpoints.",
                                      epilog="Exit codes: 0 ok, 1 damaged checkpoint or error, 2 bad usage.")
@@ -123,26 +111,10 @@ class _SubParser(argparse.ArgumentParser):
 
 def _setup_logging(verbose: bool) -> None:
     """Send async_ckpt's log records to stderr, unless the caller's program configured logging."""
-    if logging.getLogger().handlers or logger.parent.handlers:  # type: ignore[union-attr]
+    package = logging.getLogger(__name__.split(".")[0])  # "async_ckpt": every module's logger is below it
+    if logging.getLogger().handlers or package.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("async-ckpt: %(levelname)s %(message)s"))
-    package = logging.getLogger("async_ckpt")
     package.addHandler(handler)
     package.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-# ------------------------------------------------------------------------------------- export
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    result = export_model(args.checkpoint, args.out, component=args.component, duplicate_tied=args.duplicate_tied, force=args.force)
-    count, aliases = result.tensors, result.aliases
-    tied = f"; {len(aliases)} tied name(s) " + ("duplicated" if args.duplicate_tied else "stored once, aliases in the metadata") if aliases else ""
-    print(f"wrote {result.path}: {count} tensor{'s' if count != 1 else ''}, {human(result.path.stat().st_size)}, "
-          f"from {len(result.sources)} file(s) of step {result.step}{tied}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 ``checkpoint_state`` judges a committed directory from its manifest and file sizes; ``verify``
 also reads every file's xxh3. ``list``, ``inspect`` and ``verify`` only read; ``clean`` renames
-and deletes the way the manager's start-up cleanup and retention do.
+and deletes through ``rundir``, as the manager's start-up recovery and retention do.
 """
 
 from __future__ import annotations
@@ -10,18 +10,17 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .cli_common import CliError, human, table
-from .errors import CheckpointError
-from .layout import MANIFEST_NAME, checkpoint_dirname, list_committed, list_leftovers, parse_step
-from .manifest import Manifest, check_files, read_manifest
-from .retention import delete_checkpoint, select_for_deletion
-from .storage import fsync_dir, remove_tree
+from .. import ownership, rundir
+from ..errors import CheckpointError, CheckpointLockError
+from ..layout import MANIFEST_NAME, checkpoint_dirname, list_committed, list_leftovers, parse_step
+from ..manifest import Manifest, check_files, read_manifest
+from ..retention import select_for_deletion
+from .common import CliError, human, table
 
 RECENT_S = 600.0  # clean keeps leftovers touched this recently unless --force: a save may own them
 
@@ -217,24 +216,37 @@ def cmd_clean(args: argparse.Namespace) -> int:
     root = _run_dir(args.dir)
     if args.keep is not None and args.keep < 1:
         raise CliError("--keep must be at least 1 (the newest checkpoint is never removed)")
+    try:  # a live job's directories are never touched: clean runs only while it owns the directory
+        owned = ownership.acquire(root, 0, renew=False)
+    except CheckpointLockError as exc:
+        raise CliError(f"{exc}; clean does nothing while a job owns the directory") from None
+    try:
+        return _clean(root, args)
+    finally:
+        owned.release()
+
+
+def _clean(root: Path, args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
-    acted = False
-    for left in list_leftovers(root):
-        final = root / checkpoint_dirname(left.step)
+    acted, failed = False, False
+    for item in rundir.plan_recovery(root):
+        left = item.leftover
         idle = time.time() - _last_touched(left.path)
         if idle < RECENT_S and not args.force:
             print(f"kept {left.path} ({left.kind}, touched {idle:.0f} s ago: a save may still be running; --force removes it)")
             continue
         acted = True
-        if left.kind == "replaced" and not final.exists():  # a re-save crashed between its two renames
-            if not args.dry_run:
-                os.rename(left.path, final)
-                fsync_dir(root)
-            print(f"{'would restore' if args.dry_run else 'restored'} {final} (from {left.path.name}, an interrupted re-save)")
-            continue
         if not args.dry_run:
-            remove_tree(left.path)
-        print(f"{verb} {left.path} ({left.kind} leftover)")
+            try:
+                rundir.repair(item)
+            except OSError as exc:
+                print(f"could not {item.action} {left.path}: {exc}", file=sys.stderr)
+                failed = True
+                continue
+        if item.action == "restore":  # a re-save crashed between its two renames
+            print(f"{'would restore' if args.dry_run else 'restored'} {item.target} (from {left.path.name}, an interrupted re-save)")
+        else:
+            print(f"{verb} {left.path} ({left.kind} leftover)")
     if args.keep is not None:
         committed = list_committed(root)
         resume = next((step for step, path in reversed(committed) if checkpoint_state(path)[0] != "damaged"), None)
@@ -242,13 +254,17 @@ def cmd_clean(args: argparse.Namespace) -> int:
             acted = True
             if not args.dry_run:
                 try:
-                    delete_checkpoint(root, step)
+                    rundir.delete(root, step)
                 except FileNotFoundError:  # retention of a running job got there first
+                    continue
+                except OSError as exc:  # renamed out of its name, but files stay: the next clean retries
+                    print(f"could not remove {root / checkpoint_dirname(step)}: {exc}", file=sys.stderr)
+                    failed = True
                     continue
             print(f"{verb} {root / checkpoint_dirname(step)}")
     if not acted:
         print("nothing to remove")
-    return 0
+    return 1 if failed else 0
 
 
 def _last_touched(path: Path) -> float:

@@ -24,9 +24,11 @@ import torch
 
 from async_ckpt import CheckpointManager, StateComponent, rng_component
 from async_ckpt.cli import main
-from async_ckpt.cli_bench import find_benchmarks
+from async_ckpt.cli.bench import find_benchmarks
 from async_ckpt.layout import MANIFEST_NAME
 from tests.helpers.spawn import run_ranks
+
+pytestmark = pytest.mark.distributed  # the runs it inspects are made by real gloo ranks and child processes
 
 COMMANDS = ("list", "inspect", "verify", "clean", "export", "bench")
 ROOT = Path(__file__).resolve().parents[2]
@@ -399,7 +401,7 @@ def test_clean_keeps_a_fresh_leftover_unless_forced(capsys, made, tmp_path):
     code, out, _ = cli(capsys, "clean", run, "--force")
     assert code == 0 and out == f"removed {staging} (staging leftover)\n" and not staging.exists()
     assert cli(capsys, "clean", run)[1] == "nothing to remove\n"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert sorted(p.name for p in run.iterdir() if p.name != "async_ckpt.lock") == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
 
 
 def test_clean_removes_an_old_leftover(capsys, made, tmp_path):
@@ -416,7 +418,7 @@ def test_clean_keep(capsys, made, tmp_path):
     assert code == 0 and out == f"would remove {run / 'checkpoint-10'}\n" and (run / "checkpoint-10").exists()
     code, out, _ = cli(capsys, "clean", run, "--keep", "1")
     assert out == f"removed {run / 'checkpoint-10'}\nremoved {run / 'checkpoint-20'}\n"
-    assert [p.name for p in run.iterdir()] == ["checkpoint-30"]
+    assert [p.name for p in run.iterdir() if p.name != "async_ckpt.lock"] == ["checkpoint-30"]
     assert cli(capsys, "clean", run, "--keep", "1")[1] == "nothing to remove\n"
     code, _, err = cli(capsys, "clean", run, "--keep", "0")
     assert code == 1 and "--keep must be at least 1" in err
@@ -427,7 +429,7 @@ def test_clean_keep_spares_the_checkpoint_resume_would_pick(capsys, made, tmp_pa
     _damage(run, "truncated")  # newest is damaged: resume picks checkpoint-20
     code, out, _ = cli(capsys, "clean", run, "--keep", "1")
     assert code == 0 and out == f"removed {run / 'checkpoint-10'}\n"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-20", "checkpoint-30"]
+    assert sorted(p.name for p in run.iterdir() if p.name != "async_ckpt.lock") == ["checkpoint-20", "checkpoint-30"]
 
 
 def test_clean_restores_an_interrupted_resave(capsys, made, tmp_path):
