@@ -20,7 +20,7 @@ from .layout import list_committed, slot
 from .manifest import Manifest, read_manifest
 from .mesh import mesh_refusal
 from .serialization import read_safetensors, read_torch
-from .sharded_io import read_component
+from .sharded_read import read_component
 from .storage import read_file, safe_member
 from .topology import Topology
 

@@ -36,7 +36,7 @@ from .layout import checkpoint_dirname, file_name, list_committed, slot, staging
 from .loading import LoadResult, load_checkpoint
 from .ownership import Ownership, acquire
 from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups
-from .sharded_io import shard_state
+from .dtensor_chunks import shard_state
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_after_snapshot, run_job
 from .staging import BackgroundSnapshot, StagingPool, frozen_identities
 from .topology import Topology

@@ -9,8 +9,8 @@ bytes on disk equal the global state once at any world size. A plain tensor is o
 covering it, written by rank 0.
 
 On load each rank intersects the boxes it now holds with the saved ones (``overlap``) and copies
-only the overlapping regions (``copy_region``). Nothing here does I/O or talks to other ranks;
-``local_box`` asks torch for a DTensor's local box (the helper DCP uses), the rest is arithmetic.
+only the overlapping regions (``copy_region``). Nothing here does I/O, imports
+torch.distributed or talks to other ranks: the DTensor side is ``dtensor_chunks``.
 """
 
 from __future__ import annotations
@@ -105,22 +105,6 @@ def owns_chunk(placements: Sequence[Any], coordinate: Sequence[int]) -> bool:
     return True
 
 
-def is_dtensor(value: Any) -> bool:
-    from .mesh import _is_dtensor
-
-    return _is_dtensor(value)
-
-
-def local_box(tensor: torch.Tensor) -> Box:
-    """The box of the global tensor this rank's local shard holds (the whole tensor if plain)."""
-    if not is_dtensor(tensor):
-        return Box((0,) * tensor.dim(), tuple(tensor.shape))
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    return Box(tuple(int(o) for o in offset), tuple(int(s) for s in shape))
-
-
 def walk(state: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
     """Every leaf of a state tree (dicts, lists, tuples) with its key path; tensors are leaves."""
     if isinstance(state, Mapping):
@@ -169,44 +153,3 @@ def get(tree: Any, path: Path_) -> Any:
         except (KeyError, IndexError, TypeError):
             return None
     return tree
-
-
-@dataclass(frozen=True)
-class OwnedChunk:
-    """One chunk this rank writes: where it lives in the state and in the global tensor."""
-
-    path: Path_
-    name: str  # the key in this rank's file (the tensor's dotted name)
-    global_shape: tuple[int, ...]
-    box: Box
-    local: torch.Tensor  # the local tensor (a view of the live state; staged before writing)
-
-
-def plan_chunks(state: Any, rank: int) -> tuple[list[OwnedChunk], list[tuple[Path_, Any]]]:
-    """Split a live SHARDED state into the chunks this rank writes and the plain values.
-
-    Training thread, inside ``save()``. Returns ``(chunks, values)``: ``values`` are the
-    non-tensor leaves, kept by rank 0 only (every rank holds the same). No communication.
-    """
-    chunks, values = [], []
-    for path, leaf in walk(state):
-        if isinstance(leaf, torch.Tensor):
-            if is_dtensor(leaf):
-                coordinate = leaf.device_mesh.get_coordinate()
-                if coordinate is None or not owns_chunk(leaf.placements, coordinate):
-                    continue
-                local = leaf.to_local()
-            elif rank == 0:
-                local = leaf
-            else:
-                continue
-            box = local_box(leaf)
-            if box.numel == 0 and leaf.dim() > 0:
-                continue  # an empty shard of an uneven split: nothing to write
-            chunks.append(OwnedChunk(path, fqn(path), tuple(int(n) for n in leaf.shape), box, local.detach()))
-        elif rank == 0:
-            values.append((path, leaf))
-    names = [c.name for c in chunks]
-    if len(set(names)) != len(names):
-        raise CheckpointConfigError("two tensors of a SHARDED state have the same dotted name; rename the keys")
-    return chunks, values
