@@ -55,7 +55,7 @@ def plan_chunks(state: Any, rank: int) -> tuple[list[OwnedChunk], list[tuple[Pat
         if isinstance(leaf, torch.Tensor):
             if is_dtensor(leaf):
                 coordinate = leaf.device_mesh.get_coordinate()
-                if coordinate is None or not owns_chunk(leaf.placements, coordinate):
+                if coordinate is None or not owns_chunk(leaf.placements, coordinate) or _implicit_replica(leaf.device_mesh):
                     continue
                 local = leaf.to_local()
             elif rank == 0:
@@ -102,3 +102,19 @@ def shard_state(state: Any, rank: int, *, safetensors: bool) -> tuple[Any, list[
     """
     chunks, values = plan_chunks(state, rank)
     return staged_state(chunks, values, state, safetensors, rank), chunk_meta(chunks)
+
+
+def _implicit_replica(mesh: Any) -> bool:
+    """Whether this rank holds a copy of its shard that a lower coordinate writes.
+
+    A DTensor on a sub-mesh (FSDP on ``mesh["dp"]`` of a (dp, tp) mesh) is replicated over the
+    root mesh's other dimensions without saying so; the writer is coordinate 0 along them. A
+    sub-mesh whose names are not the root's (a flattened dimension) cannot be told apart: every
+    copy is written and the loader keeps the first of identical chunks.
+    """
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    names, mine = getattr(root, "mesh_dim_names", None), getattr(mesh, "mesh_dim_names", None)
+    if root is mesh or not names or not mine or not set(mine) <= set(names):
+        return False
+    coordinate = root.get_coordinate()
+    return coordinate is not None and any(coordinate[i] != 0 for i, name in enumerate(names) if name not in mine)

@@ -41,7 +41,9 @@ def read_sharded(directory: Path, manifest: Any, key: str, target: Callable[[tup
         if path.stat().st_size != entry.size:
             raise CheckpointCorruptError(f"Size mismatch for {path}: manifest says {entry.size} bytes")
         for record in entry.chunks or []:
-            by_name.setdefault(record["fqn"], []).append((path, record))
+            known = by_name.setdefault(record["fqn"], [])
+            if not any(r["offsets"] == record["offsets"] and r["lengths"] == record["lengths"] for _, r in known):
+                known.append((path, record))  # identical copies (written by every replica): the first one
         if entry.pickle:
             structure = read_skeleton(path, entry.pickle, verify)
     plans = []
