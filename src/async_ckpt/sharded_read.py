@@ -86,3 +86,21 @@ def read_component(directory: Path, manifest: Any, component: Any, *, verify: bo
         live = stateful.state_dict()
         target = lambda path, shape: get(live, path)  # noqa: E731
     return read_sharded(directory, manifest, component.key, target, verify=verify)
+
+
+def read_full(directory: Path, manifest: Any, key: str) -> Any:
+    """Every tensor of SHARDED component ``key`` as a full plain tensor, chunks read in parallel
+    and verified (``async-ckpt export``; no process group needed)."""
+    return read_sharded(directory, manifest, key, lambda path, shape: None, verify=True)
+
+
+def layout_rows(manifest: Any, key: str) -> list[tuple[str, str, str, int, str]]:
+    """``(fqn, global shape, dtype, chunks, writer ranks)`` per tensor of a SHARDED component (inspect)."""
+    tensors: dict[str, list] = {}
+    for entry in manifest.files_of(key).values():
+        for record in entry.chunks or []:
+            row = tensors.setdefault(record["fqn"], [record["shape"], record["dtype"], 0, set()])
+            row[2] += 1
+            row[3].add(entry.rank)
+    return [(name, "x".join(map(str, shape)) or "()", dtype, count, ",".join(map(str, sorted(ranks))))
+            for name, (shape, dtype, count, ranks) in sorted(tensors.items())]

@@ -129,3 +129,24 @@ def test_fsdp_4_to_2_to_1_and_1_to_4(tmp_path: Path) -> None:
     assert_same(one, on4)
     from_plain = run_ranks(_load, 4, str(tmp_path / "p1" / "checkpoint-2"), True, None, None, timeout=240)[0]
     assert_same(plain_saved, from_plain)  # plain model's checkpoint -> FSDP2 on 4
+
+
+def test_export_and_inspect_of_a_sharded_checkpoint(tmp_path: Path) -> None:
+    """``async-ckpt export`` writes the full tensors without a process group; inspect shows the layout."""
+    import subprocess
+    import sys
+
+    import safetensors.torch
+
+    saved = run_ranks(_save, 4, str(tmp_path / "w4"), True, timeout=240)[0]
+    ckpt = tmp_path / "w4" / "checkpoint-2"
+    run = [sys.executable, "-m", "async_ckpt.cli"]
+    subprocess.run([*run, "export", str(ckpt), str(tmp_path / "out")], check=True, capture_output=True, text=True)
+    exported = safetensors.torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(exported) == sorted(n.removeprefix("param.") for n in saved if n.startswith("param."))
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, saved[f"param.{name}"]), name
+    shown = subprocess.run([*run, "inspect", str(ckpt)], check=True, capture_output=True, text=True).stdout
+    assert "sharded component 'model'" in shown
+    line = next(row for row in shown.splitlines() if row.startswith("0.weight "))
+    assert line.split()[1:5] == ["5x6", "float32", "3", "0,1,2"]  # 5 rows over 4 ranks: 2, 2, 1, 0
