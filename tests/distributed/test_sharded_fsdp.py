@@ -150,3 +150,38 @@ def test_export_and_inspect_of_a_sharded_checkpoint(tmp_path: Path) -> None:
     assert "sharded component 'model'" in shown
     line = next(row for row in shown.splitlines() if row.startswith("0.weight "))
     assert line.split()[1:5] == ["5x6", "float32", "3", "0,1,2"]  # 5 rows over 4 ranks: 2, 2, 1, 0
+
+
+def _save_then_die(rank: int, world_size: int, out: str) -> dict | None:
+    from async_ckpt import faults
+    from async_ckpt.errors import CheckpointSaveError
+
+    model, optimizer = build(0, world_size, True)
+    train(model, optimizer, rank)
+    manager = CheckpointManager(out, components(model, optimizer), timeout_s=5.0)
+    manager.save(1).wait()
+    tensors = full(model, optimizer)  # collective: before rank 1 dies
+    train(model, optimizer, rank, steps=1)
+    faults.arm("mid_write", "kill", rank=1)  # SIGKILL rank 1 in the middle of writing its chunks
+    with pytest.raises(CheckpointSaveError):
+        manager.save(2).wait()
+    return tensors
+
+
+def test_sigkill_mid_save_resumes_from_the_newest_committed(tmp_path: Path) -> None:
+    from tests.helpers.spawn import run_ranks_expect
+
+    outcomes = run_ranks_expect(_save_then_die, 2, str(tmp_path / "run"), timeout=120)
+    assert outcomes[1][:2] == ("error", "ProcessDied") and outcomes[0][0] == "ok", outcomes
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
+    resumed = run_ranks(_resume, 2, str(tmp_path / "run"), timeout=240)[0]
+    assert_same(outcomes[0][1], resumed)
+    assert not list((tmp_path / "run").glob(".checkpoint-2.*"))  # the dead save's staging is cleaned up
+
+
+def _resume(rank: int, world_size: int, out: str) -> dict | None:
+    model, optimizer = build(1, world_size, True)
+    with CheckpointManager(out, components(model, optimizer)) as manager:
+        assert manager.load().step == 1  # newest committed, found by itself
+    tensors = full(model, optimizer)
+    return tensors if rank == 0 else None
