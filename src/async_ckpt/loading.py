@@ -72,7 +72,12 @@ def read_candidate(path: Path, components: list[StateComponent], topology: Topol
             except CheckpointError as exc:
                 plan.refusal.append(f"component '{component.key}': {exc}")
             continue
-        if entry is not None and component.sharing_pattern not in _SHARED and manifest.world_size != topology.world_size:
+        resized = entry is not None and component.sharing_pattern not in _SHARED and manifest.world_size != topology.world_size
+        rederive = resized and component.sharing_pattern is SharingPattern.PER_RANK and callable(getattr(component.stateful, "rederive", None))
+        if rederive:  # per-rank RNG on another world size: derived from the saved streams (rng.py)
+            where = f"rank:{topology.rank % manifest.world_size}"
+            names = [n for n, f in manifest.files.items() if f.component == component.key and f.slot == where]
+        elif resized:
             plan.refusal.append(
                 f"component '{component.key}' was saved with world size {manifest.world_size}, this job has "
                 f"{topology.world_size}; {component.sharing_pattern.value} state cannot be resharded: resume with "
@@ -92,6 +97,8 @@ def read_candidate(path: Path, components: list[StateComponent], topology: Topol
         try:
             data = read_file(file, size=info.size, xxh3=info.xxh3 if verify else None, codec=info.codec)
             plan.states[component.key] = read_safetensors(data, path=file) if ".safetensors" in name else read_torch(data, path=file)
+            if rederive:
+                plan.states[component.key] = component.stateful.rederive(plan.states[component.key], topology.rank, manifest.world_size)
         except CheckpointError as exc:
             plan.damage.append(f"component '{component.key}': {exc}")
     return plan
