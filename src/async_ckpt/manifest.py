@@ -71,11 +71,19 @@ class Manifest:
     def to_json(self) -> str:
         """The manifest as indented JSON. Entries are flat, so a shallow conversion does what
         ``dataclasses.asdict`` does without its deep copy, which costs rank 0 at every commit."""
-        top = {**vars(self), "components": {k: vars(c) for k, c in self.components.items()}, "files": {k: vars(f) for k, f in self.files.items()}}
+        top = {**vars(self), "components": {k: vars(c) for k, c in self.components.items()}, "files": {k: _file_json(f) for k, f in self.files.items()}}
         return json.dumps(top, indent=2, sort_keys=False)
 
     def files_of(self, component: str) -> dict[str, FileEntry]:
         return {name: entry for name, entry in self.files.items() if entry.component == component}
+
+
+def _file_json(entry: FileEntry) -> dict[str, Any]:
+    """A file entry as JSON: the SHARDED fields only where they are set (other files read as in version 1)."""
+    out = vars(entry)
+    if entry.chunks is None and entry.pickle is None:
+        return {k: v for k, v in out.items() if k not in ("chunks", "pickle")}
+    return out
 
 
 def build_manifest(
