@@ -32,6 +32,7 @@ class OptimizerState:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
+        self._by_name: dict[str, Any] | None = None
 
     def _names(self) -> dict[int, str]:
         return {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
@@ -62,6 +63,7 @@ class OptimizerState:
             groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": live["params"]})
         per_index = {index[fqn]: entries for fqn, entries in (state.get("state") or {}).items() if fqn in index}
         self.optimizer.load_state_dict({"state": per_index, "param_groups": groups})
+        self._by_name = None
 
     def sharded_target(self, path: tuple, shape: tuple) -> Any:
         """The live tensor a saved one at ``path`` becomes (loader's callback, training thread).
@@ -70,7 +72,9 @@ class OptimizerState:
         mesh and placements); anything else: None (read as a full plain tensor).
         """
         if len(path) == 3 and path[0] == "state":
-            param = dict(self.model.named_parameters(remove_duplicate=False)).get(path[1])
+            if self._by_name is None:  # built once per load; dropped by load_state_dict
+                self._by_name = dict(self.model.named_parameters(remove_duplicate=False))
+            param = self._by_name.get(path[1])
             if param is not None and tuple(param.shape) == tuple(shape):
                 return param
         return None

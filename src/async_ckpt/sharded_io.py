@@ -114,18 +114,18 @@ def _hash_range(path: Path, start: int, end: int) -> str:
 def read_chunk(path: Path, record: dict[str, Any], verify: bool) -> torch.Tensor:
     """Pread one chunk's bytes, check their xxh3, return them as a tensor of the chunk's shape."""
     start, end = record["range"]
+    raw = torch.empty(end - start, dtype=torch.uint8)  # read straight into the tensor's memory
+    data = raw.numpy()
     with open(path, "rb") as handle:
-        data = os.pread(handle.fileno(), end - start, start)
-    if len(data) != end - start:
+        got = os.preadv(handle.fileno(), [data], start) if end > start else 0
+    if got != end - start:
         raise CheckpointCorruptError(f"Short read of {path} bytes {start}-{end} (tensor {record['fqn']}): the file is truncated")
     if verify and xxhash.xxh3_64_hexdigest(data) != record["xxh3"]:
         raise CheckpointCorruptError(
             f"Hash mismatch for chunk {record['offsets']} of tensor {record['fqn']} in {path} (bytes {start}-{end}): "
             "the file is damaged; load an older checkpoint"
         )
-    dtype = getattr(torch, record["dtype"])
-    flat = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
-    return flat.reshape(record["lengths"])
+    return raw.view(getattr(torch, record["dtype"])).reshape(record["lengths"])
 
 
 def read_skeleton(path: Path, span: list, verify: bool) -> Any:

@@ -62,9 +62,13 @@ def read_sharded(directory: Path, manifest: Any, key: str, target: Callable[[tup
         reads = {id(r): pool.submit(read_chunk, p, r, verify) for _, _, _, _, wanted in plans for p, r in wanted}
         state: Any = {} if structure is None else structure
         for tpath, live, box, dtype, wanted in plans:
-            local = torch.empty(box.lengths, dtype=dtype)
-            for _, record in wanted:
-                copy_region(local, box, reads[id(record)].result(), Box(tuple(record["offsets"]), tuple(record["lengths"])))
+            exact = len(wanted) == 1 and wanted[0][1]["offsets"] == list(box.offsets) and wanted[0][1]["lengths"] == list(box.lengths)
+            if exact:  # the same layout as the save: the chunk is the new local shard
+                local = reads[id(wanted[0][1])].result()
+            else:
+                local = torch.empty(box.lengths, dtype=dtype)
+                for _, record in wanted:
+                    copy_region(local, box, reads[id(record)].result(), Box(tuple(record["offsets"]), tuple(record["lengths"])))
             value = _as_dtensor(local, live) if is_dtensor(live) else local
             state = put(state, tpath, value)
     return state
