@@ -104,6 +104,13 @@ def read_candidate(path: Path, components: list[StateComponent], topology: Topol
     return plan
 
 
+def _layout_bound(component: StateComponent) -> bool:
+    """Whether ``component`` loads only on the mesh that saved it (per-rank, group or node state)."""
+    if component.sharing_pattern in (*_SHARED, SharingPattern.SHARDED):
+        return False
+    return not (component.sharing_pattern is SharingPattern.PER_RANK and callable(getattr(component.stateful, "rederive", None)))
+
+
 def _absent(plan: ReadPlan, component: StateComponent, reason: str, strict: bool) -> None:
     text = f"component '{component.key}' {reason}"
     if component.required:
@@ -164,7 +171,7 @@ def load_checkpoint(
     skipped_reasons = []
     for path in candidates:
         plan = read_candidate(path, components, topology, verify=verify, strict=strict)
-        if any(c.sharing_pattern in (SharingPattern.PER_GROUP, SharingPattern.PER_NODE) for c in components):
+        if any(_layout_bound(c) for c in components):  # SHARDED, shared and RNG state load on any mesh
             plan.refusal = mesh_refusal(plan.manifest, mesh) or plan.refusal  # another mesh: the one reason
         verdicts = gather((plan.damage, plan.refusal, plan.too_new))
         damage = by_rank([v[0] for v in verdicts])
