@@ -14,7 +14,6 @@ Every collective here runs on the training thread.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,6 @@ import torch
 from .. import SharingPattern, ValidationLevel
 from ..optim_state import OptimizerState
 from .ddp import DDPTrainer, DDPTrainingArguments
-
-logger = logging.getLogger(__name__)
 
 _MIXED = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -87,32 +84,5 @@ class FSDPTrainer(DDPTrainer):
     def _component(self, key: str, stateful: Any, **kwargs: Any) -> Any:
         if key == "optimizer":
             stateful = OptimizerState(self.model, stateful)  # keyed by parameter name: reshards
-        if key == "dataset":
-            stateful = _SizedPosition(stateful, self.world_size, self.rank)
         return super()._component(key, stateful, **kwargs)
 
-
-class _SizedPosition:
-    """The data position with the world size that counted it.
-
-    The loader's state counts batches of ``per_device_train_batch_size * world_size`` samples
-    (dispatched) or of one rank's shard: on another world size it does not name the same
-    samples. There the position is dropped with a warning and the current epoch restarts from
-    its first batch (samples of that epoch are seen again), instead of resuming at a wrong one.
-    Training thread only.
-    """
-
-    def __init__(self, inner: Any, world_size: int, rank: int) -> None:
-        self.inner, self.world_size, self.rank = inner, world_size, rank
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "loader": self.inner.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("world_size") if isinstance(state, dict) else None
-        if saved != self.world_size:
-            if self.rank == 0:
-                logger.warning("data position saved on %s rank(s), this job has %d: the current epoch restarts from its first batch",
-                               saved, self.world_size)
-            return
-        self.inner.load_state_dict(state["loader"])
