@@ -58,15 +58,21 @@ def _bench(rank: int, world: int, width: int, layers: int, repeat: int, root: st
     from async_ckpt.optim_state import OptimizerState
 
     def comps(model, optimizer):
-        return [StateComponent("model", model, sharing_pattern=SharingPattern.SHARDED, required=True),
-                StateComponent("optimizer", OptimizerState(model, optimizer), sharing_pattern=SharingPattern.SHARDED)]
+        return [
+            StateComponent("model", model, sharing_pattern=SharingPattern.SHARDED, required=True),
+            StateComponent("optimizer", OptimizerState(model, optimizer), sharing_pattern=SharingPattern.SHARDED),
+        ]
 
     model, optimizer = _build(world, width, layers, 0)
     _step(model, optimizer, width)
     fresh_model, fresh_optimizer = _build(world, width, layers, 1)
-    times: dict[str, list[float]] = {k: [] for k in ("ours_stall", "ours_commit", "ours_load", "dcp_stall", "dcp_commit", "dcp_load")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("ours_stall", "ours_commit", "ours_load", "dcp_stall", "dcp_commit", "dcp_load")
+    }
     manager = CheckpointManager(Path(root) / "ours", comps(model, optimizer))
-    loader = CheckpointManager(Path(root) / "loader", comps(fresh_model, fresh_optimizer))  # one manager per run directory
+    loader = CheckpointManager(
+        Path(root) / "loader", comps(fresh_model, fresh_optimizer)
+    )  # one manager per run directory
     manager.prepare()
     for i in range(repeat + 1):  # the first round allocates buffers and warms caches: dropped
         dist.barrier()
@@ -113,15 +119,28 @@ def main() -> None:
         per_rank = run_ranks(_bench, args.ranks, args.width, args.layers, args.repeat, root, timeout=1200)
     worst = {k: max(r[k] for r in per_rank) for k in per_rank[0]}
     state_mib = args.layers * (args.width * args.width + args.width) * 4 * 3 / 2**20  # params + 2 moments
-    result = {"ranks": args.ranks, "width": args.width, "layers": args.layers, "repeat": args.repeat, "state_mib": state_mib,
-              "seconds_max_over_ranks": worst}
+    result = {
+        "ranks": args.ranks,
+        "width": args.width,
+        "layers": args.layers,
+        "repeat": args.repeat,
+        "state_mib": state_mib,
+        "seconds_max_over_ranks": worst,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sharded_vs_dcp.json").write_text(json.dumps(result, indent=2))
-    rows = [("save stall (save() returns)", "ours_stall", "dcp_stall"), ("save until committed", "ours_commit", "dcp_commit"),
-            ("load into a fresh model + optimizer", "ours_load", "dcp_load")]
-    lines = [f"FSDP2, {args.ranks} gloo ranks, {args.layers} x Linear({args.width}, {args.width}) + AdamW: "
-             f"{state_mib:.0f} MiB of state; median of {args.repeat}, slowest rank", "",
-             "| | async_ckpt SHARDED (ms) | DCP async_save / load (ms) |", "|---|---|---|"]
+    rows = [
+        ("save stall (save() returns)", "ours_stall", "dcp_stall"),
+        ("save until committed", "ours_commit", "dcp_commit"),
+        ("load into a fresh model + optimizer", "ours_load", "dcp_load"),
+    ]
+    lines = [
+        f"FSDP2, {args.ranks} gloo ranks, {args.layers} x Linear({args.width}, {args.width}) + AdamW: "
+        f"{state_mib:.0f} MiB of state; median of {args.repeat}, slowest rank",
+        "",
+        "| | async_ckpt SHARDED (ms) | DCP async_save / load (ms) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {label} | {1000 * worst[a]:.1f} | {1000 * worst[b]:.1f} |" for label, a, b in rows]
     (RESULTS / "sharded_vs_dcp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -55,7 +55,11 @@ def plan_chunks(state: Any, rank: int) -> tuple[list[OwnedChunk], list[tuple[Pat
         if isinstance(leaf, torch.Tensor):
             if is_dtensor(leaf):
                 coordinate = leaf.device_mesh.get_coordinate()
-                if coordinate is None or not owns_chunk(leaf.placements, coordinate) or _implicit_replica(leaf.device_mesh):
+                if (
+                    coordinate is None
+                    or not owns_chunk(leaf.placements, coordinate)
+                    or _implicit_replica(leaf.device_mesh)
+                ):
                     continue
                 local = leaf.to_local()
             elif rank == 0:
@@ -77,7 +81,13 @@ def plan_chunks(state: Any, rank: int) -> tuple[list[OwnedChunk], list[tuple[Pat
 def chunk_meta(chunks: Sequence[Any]) -> list[dict[str, Any]]:
     """The manifest fields known before writing (training thread, from ``sharding.plan_chunks``)."""
     return [
-        {"path": list(c.path), "fqn": c.name, "shape": list(c.global_shape), "offsets": list(c.box.offsets), "lengths": list(c.box.lengths)}
+        {
+            "path": list(c.path),
+            "fqn": c.name,
+            "shape": list(c.global_shape),
+            "offsets": list(c.box.offsets),
+            "lengths": list(c.box.lengths),
+        }
         for c in chunks
     ]
 
@@ -88,8 +98,10 @@ def staged_state(chunks: Sequence[Any], values: Sequence[tuple], state: Any, saf
     if safetensors:
         if values:
             path, value = values[0]
-            raise CheckpointConfigError(f"entry {'.'.join(map(str, path))!r} is a {type(value).__name__}, not a tensor: "
-                                      "a safetensors SHARDED component holds tensors only; use file_format='torch'")
+            raise CheckpointConfigError(
+                f"entry {'.'.join(map(str, path))!r} is a {type(value).__name__}, not a tensor: "
+                "a safetensors SHARDED component holds tensors only; use file_format='torch'"
+            )
         return tensors
     return {"chunks": tensors, "skeleton": skeleton(state) if rank == 0 else None}
 

@@ -44,7 +44,10 @@ class OptimizerState:
         names, params = self._names(), self._params()
         missing = [i for i, p in enumerate(params) if id(p) not in names]
         if missing:
-            raise CheckpointLoadError(f"optimizer parameter(s) {missing} are not parameters of the model; build OptimizerState with the model that owns them")
+            raise CheckpointLoadError(
+                f"optimizer parameter(s) {missing} are not parameters of the model; "
+                "build OptimizerState with the model that owns them"
+            )
         raw = self.optimizer.state_dict()
         fqns = [names[id(p)] for p in params]
         state = {fqns[int(i)]: dict(entries) for i, entries in raw["state"].items()}
@@ -57,7 +60,9 @@ class OptimizerState:
         saved_groups = state.get("param_groups") or []
         live_groups = self.optimizer.state_dict()["param_groups"]
         if len(saved_groups) < len(live_groups):
-            raise CheckpointLoadError(f"the checkpoint's optimizer has {len(saved_groups)} parameter group(s), this one {len(live_groups)}")
+            raise CheckpointLoadError(
+                f"the checkpoint's optimizer has {len(saved_groups)} parameter group(s), this one {len(live_groups)}"
+            )
         groups = []
         for live, saved in zip(live_groups, saved_groups):
             groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": live["params"]})

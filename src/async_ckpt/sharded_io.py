@@ -31,8 +31,9 @@ from .serialization import _DTYPES, tensor_bytes, write_torch
 from .storage import FileSink, WrittenFile, write_file
 
 
-
-def write_shard(directory: Path, name: str, staged: Any, meta: list[dict[str, Any]], *, safetensors: bool, produce_hook: Any = None) -> tuple[WrittenFile, list[dict], list | None]:
+def write_shard(
+    directory: Path, name: str, staged: Any, meta: list[dict[str, Any]], *, safetensors: bool, produce_hook: Any = None
+) -> tuple[WrittenFile, list[dict], list | None]:
     """Write one rank's chunks into ``directory/name``; return the file and its chunk records.
 
     Background I/O thread. ``staged`` is ``staged_state``'s result after staging; ``meta`` the
@@ -82,7 +83,11 @@ def _safetensors_header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[l
         if tensor.dtype not in _DTYPES:
             raise CheckpointConfigError(f"dtype {tensor.dtype} of {key!r} has no safetensors code")
         nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -98,7 +103,12 @@ def _zip_records(path: Path) -> dict[str, tuple[int, int]]:
         for info in archive.infolist():
             handle.seek(info.header_offset)
             local = handle.read(30)
-            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+            start = (
+                info.header_offset
+                + 30
+                + int.from_bytes(local[26:28], "little")
+                + int.from_bytes(local[28:30], "little")
+            )
             spans[info.filename.split("/", 1)[-1]] = (start, start + info.file_size)
     return spans
 
@@ -119,7 +129,9 @@ def read_chunk(path: Path, record: dict[str, Any], verify: bool) -> torch.Tensor
     with open(path, "rb") as handle:
         got = os.preadv(handle.fileno(), [data], start) if end > start else 0
     if got != end - start:
-        raise CheckpointCorruptError(f"Short read of {path} bytes {start}-{end} (tensor {record['fqn']}): the file is truncated")
+        raise CheckpointCorruptError(
+            f"Short read of {path} bytes {start}-{end} (tensor {record['fqn']}): the file is truncated"
+        )
     if verify and xxhash.xxh3_64_hexdigest(data) != record["xxh3"]:
         raise CheckpointCorruptError(
             f"Hash mismatch for chunk {record['offsets']} of tensor {record['fqn']} in {path} (bytes {start}-{end}): "

@@ -23,12 +23,15 @@ from .storage import safe_member
 READ_THREADS = 4  # chunks read at once by one rank
 
 
-def read_sharded(directory: Path, manifest: Any, key: str, target: Callable[[tuple, tuple], Any], *, verify: bool) -> Any:
+def read_sharded(
+    directory: Path, manifest: Any, key: str, target: Callable[[tuple, tuple], Any], *, verify: bool
+) -> Any:
     """Read the saved chunks that overlap this rank's live shards of component ``key``.
 
     Training thread, at load, before anything is applied. ``target(path, global shape)`` is the
     live tensor a saved one becomes (or None): a DTensor target makes it a DTensor placed like
-    it (``from_local``, no communication); any other saved tensor is read in full. Raises ``CheckpointCorruptError`` for damaged bytes,
+    it (``from_local``, no communication); any other saved tensor is read in full. Raises
+    ``CheckpointCorruptError`` for damaged bytes,
     ``CheckpointLoadError`` when a live tensor's global shape differs from the saved one.
     """
     files = manifest.files_of(key)
@@ -52,23 +55,37 @@ def read_sharded(directory: Path, manifest: Any, key: str, target: Callable[[tup
         tpath, shape = tuple(first["path"]), tuple(first["shape"])
         live = target(tpath, shape)
         if isinstance(live, torch.Tensor) and tuple(live.shape) != shape:
-            raise CheckpointLoadError(f"tensor {name} of component '{key}' has global shape {shape} in the checkpoint but {tuple(live.shape)} here")
+            raise CheckpointLoadError(
+                f"tensor {name} of component '{key}' has global shape {shape} in the checkpoint "
+                f"but {tuple(live.shape)} here"
+            )
         box = local_box(live) if is_dtensor(live) else Box((0,) * len(shape), shape)
         wanted = [(p, r) for p, r in chunks if covered([Box(tuple(r["offsets"]), tuple(r["lengths"]))], box)]
-        if covered([Box(tuple(r["offsets"]), tuple(r["lengths"])) for _, r in wanted], box) != max(1, box.numel) and box.numel:
-            raise CheckpointCorruptError(f"the saved chunks of tensor {name} (component '{key}') do not cover the region {box} this rank needs")
+        if (
+            covered([Box(tuple(r["offsets"]), tuple(r["lengths"])) for _, r in wanted], box) != max(1, box.numel)
+            and box.numel
+        ):
+            raise CheckpointCorruptError(
+                f"the saved chunks of tensor {name} (component '{key}') do not cover the region {box} this rank needs"
+            )
         plans.append((tpath, live, box, getattr(torch, first["dtype"]), wanted))
     with concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="async_ckpt-read") as pool:
         reads = {id(r): pool.submit(read_chunk, p, r, verify) for _, _, _, _, wanted in plans for p, r in wanted}
         state: Any = {} if structure is None else structure
         for tpath, live, box, dtype, wanted in plans:
-            exact = len(wanted) == 1 and wanted[0][1]["offsets"] == list(box.offsets) and wanted[0][1]["lengths"] == list(box.lengths)
+            exact = (
+                len(wanted) == 1
+                and wanted[0][1]["offsets"] == list(box.offsets)
+                and wanted[0][1]["lengths"] == list(box.lengths)
+            )
             if exact:  # the same layout as the save: the chunk is the new local shard
                 local = reads[id(wanted[0][1])].result()
             else:
                 local = torch.empty(box.lengths, dtype=dtype)
                 for _, record in wanted:
-                    copy_region(local, box, reads[id(record)].result(), Box(tuple(record["offsets"]), tuple(record["lengths"])))
+                    copy_region(
+                        local, box, reads[id(record)].result(), Box(tuple(record["offsets"]), tuple(record["lengths"]))
+                    )
             value = _as_dtensor(local, live) if is_dtensor(live) else local
             state = put(state, tpath, value)
     return state
@@ -77,7 +94,9 @@ def read_sharded(directory: Path, manifest: Any, key: str, target: Callable[[tup
 def _as_dtensor(local: torch.Tensor, live: Any) -> Any:
     from .mesh import _dtensor_type
 
-    return _dtensor_type().from_local(local, live.device_mesh, live.placements, run_check=False, shape=live.shape, stride=live.stride())
+    return _dtensor_type().from_local(
+        local, live.device_mesh, live.placements, run_check=False, shape=live.shape, stride=live.stride()
+    )
 
 
 def read_component(directory: Path, manifest: Any, component: Any, *, verify: bool) -> Any:
@@ -106,5 +125,7 @@ def layout_rows(manifest: Any, key: str) -> list[tuple[str, str, str, int, str]]
             row = tensors.setdefault(record["fqn"], [record["shape"], record["dtype"], 0, set()])
             row[2] += 1
             row[3].add(entry.rank)
-    return [(name, "x".join(map(str, shape)) or "()", dtype, count, ",".join(map(str, sorted(ranks))))
-            for name, (shape, dtype, count, ranks) in sorted(tensors.items())]
+    return [
+        (name, "x".join(map(str, shape)) or "()", dtype, count, ",".join(map(str, sorted(ranks))))
+        for name, (shape, dtype, count, ranks) in sorted(tensors.items())
+    ]

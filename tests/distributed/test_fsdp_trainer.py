@@ -30,8 +30,15 @@ def _trainer(out: str, stop_at: int | None = None, seed: int = 0) -> Any:
         def shard_policy(self, model: torch.nn.Module) -> list[torch.nn.Module]:
             return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # one fully_shard per Linear
 
-    args = FSDPTrainingArguments(output_dir=out, max_steps=TOTAL, per_device_train_batch_size=2, save_steps=STOP,
-                                 learning_rate=1e-2, logging_steps=0, async_save=True)
+    args = FSDPTrainingArguments(
+        output_dir=out,
+        max_steps=TOTAL,
+        per_device_train_batch_size=2,
+        save_steps=STOP,
+        learning_rate=1e-2,
+        logging_steps=0,
+        async_save=True,
+    )
     trainer = Trainer(model=new_model(seed, width=9), args=args, train_dataset=RegressionData())  # 9 rows: uneven on 2
     trainer.stop_at = stop_at
     return trainer

@@ -39,8 +39,12 @@ def _resume(rank: int, world: int, out: str, mode: str) -> dict:
 
     trainer.training_step = first_step
     result = trainer.train()
-    return {"start": seen, "resumed_from": result.resumed_from.name if result.resumed_from else None,
-            "steps": result.steps_this_run, "global_step": trainer.state.global_step}
+    return {
+        "start": seen,
+        "resumed_from": result.resumed_from.name if result.resumed_from else None,
+        "steps": result.steps_this_run,
+        "global_step": trainer.state.global_step,
+    }
 
 
 @pytest.mark.parametrize("mode", ["dispatch", "per-rank"])

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from async_ckpt import CheckpointManager, SharingPattern, StateComponent
 from async_ckpt.errors import CheckpointCorruptError
@@ -53,6 +52,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, s
 
 def full(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Every parameter and optimizer state tensor as a full tensor, by FQN (collective for DTensors)."""
+
     def whole(t: torch.Tensor) -> torch.Tensor:
         return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 

@@ -59,7 +59,14 @@ def test_fsdp_x_tp_to_fsdp_2_and_to_1(tmp_path: Path) -> None:
     manifest = json.loads((ckpt / "checkpoint_manifest.json").read_text())
     writers = sorted(f["rank"] for f in manifest["files"].values() for c in f["chunks"] if c["fqn"] == "3.bias")
     assert writers == [0, 2]  # Replicate over tp: written once per dp shard, by tp coordinate 0
-    total = sum(c["range"][1] - c["range"][0] for f in manifest["files"].values() if f["component"] == "model" for c in f["chunks"])
-    assert total == sum(t.numel() * t.element_size() for n, t in saved.items() if n.startswith("param."))  # the global state once
+    total = sum(
+        c["range"][1] - c["range"][0]
+        for f in manifest["files"].values()
+        if f["component"] == "model"
+        for c in f["chunks"]
+    )
+    assert total == sum(
+        t.numel() * t.element_size() for n, t in saved.items() if n.startswith("param.")
+    )  # the global state once
     assert_same(saved, run_ranks(_load, 2, str(ckpt), True, timeout=240)[0])
     assert_same(saved, run_ranks(_load, 1, str(ckpt), False, timeout=240)[0])

@@ -29,7 +29,11 @@ def test_overlap_of_boxes() -> None:
 
 def test_region_slices_and_copy_between_shardings() -> None:
     full = torch.arange(5 * 3).reshape(5, 3)
-    saved = [(Box((0, 0), (2, 3)), full[0:2]), (Box((2, 0), (2, 3)), full[2:4]), (Box((4, 0), (1, 3)), full[4:5])]  # 4 ranks: 2,2,1,0
+    saved = [
+        (Box((0, 0), (2, 3)), full[0:2]),
+        (Box((2, 0), (2, 3)), full[2:4]),
+        (Box((4, 0), (1, 3)), full[4:5]),
+    ]  # 4 ranks: 2,2,1,0
     wanted = Box((3, 0), (2, 3))  # rank 1 of 2: rows 3..4
     assert region_slices(Box((3, 1), (1, 2)), wanted) == (slice(0, 1), slice(1, 3))
     out = torch.full((2, 3), -1)
@@ -49,8 +53,17 @@ def test_owner_of_a_replicated_chunk_is_coordinate_zero() -> None:
 
 
 def test_tree_helpers() -> None:
-    state = {"state": {"w": {"step": torch.tensor(1.0), "m": torch.ones(2)}}, "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}
-    assert [p for p, _ in walk(state)] == [("state", "w", "step"), ("state", "w", "m"), ("groups", 0, "lr"), ("groups", 0, "betas", 0), ("groups", 0, "betas", 1)]
+    state = {
+        "state": {"w": {"step": torch.tensor(1.0), "m": torch.ones(2)}},
+        "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}],
+    }
+    assert [p for p, _ in walk(state)] == [
+        ("state", "w", "step"),
+        ("state", "w", "m"),
+        ("groups", 0, "lr"),
+        ("groups", 0, "betas", 0),
+        ("groups", 0, "betas", 1),
+    ]
     skel = skeleton(state)
     assert skel["state"]["w"] == {"step": None, "m": None} and skel["groups"][0]["betas"] == (0.9, 0.99)
     put(skel, ("state", "w", "m"), "x")
@@ -76,7 +89,9 @@ def test_sharded_manifest_records_and_a_damaged_record(tmp_path: Path) -> None:
     model, optimizer = _plain(0)
     model(torch.ones(1, 4)).sum().backward()
     optimizer.step()
-    with CheckpointManager(tmp_path / "run", _components(model, optimizer), async_save=False, compression="zstd") as manager:
+    with CheckpointManager(
+        tmp_path / "run", _components(model, optimizer), async_save=False, compression="zstd"
+    ) as manager:
         manager.save(1)
     ckpt = tmp_path / "run" / "checkpoint-1"
     manifest = read_manifest(ckpt)
@@ -84,13 +99,20 @@ def test_sharded_manifest_records_and_a_damaged_record(tmp_path: Path) -> None:
     entry = manifest.files["model_state_shard_0.safetensors"]  # never compressed: ranged reads need raw bytes
     assert entry.codec is None and entry.slot == "shard:0"
     record = entry.chunks[0]
-    assert record["fqn"] == "0.weight" and record["shape"] == [3, 4] and record["offsets"] == [0, 0] and record["dtype"] == "float32"
+    assert (
+        record["fqn"] == "0.weight"
+        and record["shape"] == [3, 4]
+        and record["offsets"] == [0, 0]
+        and record["dtype"] == "float32"
+    )
     data = (ckpt / "model_state_shard_0.safetensors").read_bytes()
     assert data[record["range"][0] : record["range"][1]] == model[0].weight.detach().numpy().tobytes()
     import safetensors.torch  # stock readers open the files
 
     assert torch.equal(safetensors.torch.load(data)["0.weight"], model[0].weight.detach())
-    assert torch.load(ckpt / "optimizer_state_shard_0.pt", weights_only=True)["skeleton"]["param_groups"][0]["params"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert torch.load(ckpt / "optimizer_state_shard_0.pt", weights_only=True)["skeleton"]["param_groups"][0][
+        "params"
+    ] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     raw = json.loads((ckpt / "checkpoint_manifest.json").read_text())
     raw["files"]["model_state_shard_0.safetensors"]["chunks"][0]["range"][1] += 4  # no longer the chunk's size
     bad = tmp_path / "bad"
@@ -134,8 +156,11 @@ def test_format_v1_checkpoint_still_loads(tmp_path: Path) -> None:
         def load_state_dict(self, state):  # noqa: ANN001, ANN202
             got.update(state)
 
-    components = [StateComponent("model", model, required=True), StateComponent("optimizer", optimizer),
-                  StateComponent("extra", Extra(), sharing_pattern=SharingPattern.PER_RANK)]
+    components = [
+        StateComponent("model", model, required=True),
+        StateComponent("optimizer", optimizer),
+        StateComponent("extra", Extra(), sharing_pattern=SharingPattern.PER_RANK),
+    ]
     with CheckpointManager(run, components) as manager:
         assert manager.load().step == 3
     for name, value in expected["model"].items():

@@ -39,7 +39,9 @@ class FSDPTrainingArguments(DDPTrainingArguments):
         if not isinstance(self.reshard_after_forward, bool):
             out.append(f"reshard_after_forward must be True or False, got {self.reshard_after_forward!r}")
         if self.mixed_precision not in _MIXED:
-            out.append(f"mixed_precision must be None, 'bfloat16', 'float16' or 'float32', got {self.mixed_precision!r}")
+            out.append(
+                f"mixed_precision must be None, 'bfloat16', 'float16' or 'float32', got {self.mixed_precision!r}"
+            )
         return out
 
 
@@ -85,4 +87,3 @@ class FSDPTrainer(DDPTrainer):
         if key == "optimizer":
             stateful = OptimizerState(self.model, stateful)  # keyed by parameter name: reshards
         return super()._component(key, stateful, **kwargs)
-

@@ -38,7 +38,11 @@ class SizedPosition:
         saved = state["world_size"]
         if saved != self.world_size:
             if self.rank == 0:
-                logger.warning("data position saved on %s rank(s), this job has %d: the current epoch restarts from its first batch",
-                               saved, self.world_size)
+                logger.warning(
+                    "data position saved on %s rank(s), this job has %d: the current epoch restarts "
+                    "from its first batch",
+                    saved,
+                    self.world_size,
+                )
             return
         self.inner.load_state_dict(state["loader"])
