@@ -18,6 +18,7 @@ class SharingPattern(str, enum.Enum):
     REPLICATED = "replicated"  # like GLOBAL, after optional cross-rank validation
     PER_GROUP = "per_group"  # one file per instance of a named process group
     PER_NODE = "per_node"  # one file per node, written by its local rank 0
+    SHARDED = "sharded"  # DTensor state: every rank writes its own chunks, any mesh reads them
 
 
 class ValidationLevel(str, enum.Enum):

@@ -80,6 +80,10 @@ def merge_files(path: Path, manifest: Manifest, component: str) -> tuple[dict[st
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
     names = sorted(manifest.files_of(component), key=lambda n: (manifest.files[n].rank, n))
+    if manifest.components[component].sharing_pattern == "sharded":  # full tensors from every rank's chunks
+        from .sharded_read import read_full
+
+        return read_full(path, manifest, component), names
     for name in names:
         info = manifest.files[name]
         file = path / name

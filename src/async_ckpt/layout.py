@@ -96,6 +96,8 @@ def file_stem(component: StateComponent, topology: Topology) -> str:
         return f"{key}_state_group_{component.group}_{topology.place(component.group).index}"
     if pattern is SharingPattern.PER_NODE:
         return f"{key}_state_node_{topology.node}"
+    if pattern is SharingPattern.SHARDED:
+        return f"{key}_state_shard_{topology.rank}"
     return "model" if key == "model" else f"{key}_state"
 
 
@@ -110,7 +112,7 @@ def writes(component: StateComponent, topology: Topology) -> bool:
     pattern = component.sharing_pattern
     if pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
         return topology.is_rank0
-    if pattern is SharingPattern.PER_RANK:
+    if pattern in (SharingPattern.PER_RANK, SharingPattern.SHARDED):
         return True
     if pattern is SharingPattern.PER_GROUP:
         assert component.group is not None
@@ -128,4 +130,6 @@ def slot(component: StateComponent, topology: Topology) -> str:
         return f"group:{component.group}:{topology.place(component.group).index}"
     if pattern is SharingPattern.PER_NODE:
         return f"node:{topology.node}"
+    if pattern is SharingPattern.SHARDED:
+        return f"shard:{topology.rank}"
     return "global"

@@ -20,6 +20,7 @@ from .layout import list_committed, slot
 from .manifest import Manifest, read_manifest
 from .mesh import mesh_refusal
 from .serialization import read_safetensors, read_torch
+from .sharded_read import read_component
 from .storage import read_file, safe_member
 from .topology import Topology
 
@@ -63,7 +64,20 @@ def read_candidate(path: Path, components: list[StateComponent], topology: Topol
         where = slot(component, topology)
         entry = manifest.components.get(component.key)
         names = [n for n, f in manifest.files.items() if f.component == component.key and f.slot == where]
-        if entry is not None and component.sharing_pattern not in _SHARED and manifest.world_size != topology.world_size:
+        if entry is not None and component.sharing_pattern is SharingPattern.SHARDED:  # any mesh: the overlapping chunks
+            try:
+                plan.states[component.key] = read_component(path, manifest, component, verify=verify)
+            except CheckpointCorruptError as exc:
+                plan.damage.append(f"component '{component.key}': {exc}")
+            except CheckpointError as exc:
+                plan.refusal.append(f"component '{component.key}': {exc}")
+            continue
+        resized = entry is not None and component.sharing_pattern not in _SHARED and manifest.world_size != topology.world_size
+        rederive = resized and component.sharing_pattern is SharingPattern.PER_RANK and callable(getattr(component.stateful, "rederive", None))
+        if rederive:  # per-rank RNG on another world size: derived from the saved streams (rng.py)
+            where = f"rank:{topology.rank % manifest.world_size}"
+            names = [n for n, f in manifest.files.items() if f.component == component.key and f.slot == where]
+        elif resized:
             plan.refusal.append(
                 f"component '{component.key}' was saved with world size {manifest.world_size}, this job has "
                 f"{topology.world_size}; {component.sharing_pattern.value} state cannot be resharded: resume with "
@@ -83,9 +97,18 @@ def read_candidate(path: Path, components: list[StateComponent], topology: Topol
         try:
             data = read_file(file, size=info.size, xxh3=info.xxh3 if verify else None, codec=info.codec)
             plan.states[component.key] = read_safetensors(data, path=file) if ".safetensors" in name else read_torch(data, path=file)
+            if rederive:
+                plan.states[component.key] = component.stateful.rederive(plan.states[component.key], topology.rank, manifest.world_size)
         except CheckpointError as exc:
             plan.damage.append(f"component '{component.key}': {exc}")
     return plan
+
+
+def _layout_bound(component: StateComponent) -> bool:
+    """Whether ``component`` loads only on the mesh that saved it (per-rank, group or node state)."""
+    if component.sharing_pattern in (*_SHARED, SharingPattern.SHARDED):
+        return False
+    return not (component.sharing_pattern is SharingPattern.PER_RANK and callable(getattr(component.stateful, "rederive", None)))
 
 
 def _absent(plan: ReadPlan, component: StateComponent, reason: str, strict: bool) -> None:
@@ -148,7 +171,8 @@ def load_checkpoint(
     skipped_reasons = []
     for path in candidates:
         plan = read_candidate(path, components, topology, verify=verify, strict=strict)
-        plan.refusal = mesh_refusal(plan.manifest, mesh) or plan.refusal  # another mesh: the one reason
+        if any(_layout_bound(c) for c in components):  # SHARDED, shared and RNG state load on any mesh
+            plan.refusal = mesh_refusal(plan.manifest, mesh) or plan.refusal  # another mesh: the one reason
         verdicts = gather((plan.damage, plan.refusal, plan.too_new))
         damage = by_rank([v[0] for v in verdicts])
         refusal = by_rank([v[1] for v in verdicts])

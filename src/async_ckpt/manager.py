@@ -23,7 +23,7 @@ from . import faults, rundir
 from .store_channel import CommitChannel, Report
 from .config import check_args, check_lock_timeout, check_incremental, default_io_threads, describe_component, lower_priority
 from .coordination import Coordinator, coordination_group
-from .components import StateComponent, ValidationLevel, check_components
+from .components import FileFormat, SharingPattern, StateComponent, ValidationLevel, check_components
 from .draining import InFlight, steps_text
 from .errors import (
     CheckpointConfigError,
@@ -36,6 +36,7 @@ from .layout import checkpoint_dirname, file_name, list_committed, slot, staging
 from .loading import LoadResult, load_checkpoint
 from .ownership import Ownership, acquire
 from .mesh import check_mesh_ranks, manifest_metadata, mesh_groups
+from .dtensor_chunks import shard_state
 from .saving import FileTask, SaveContext, SaveJob, outcome_margin, run_after_snapshot, run_job
 from .staging import BackgroundSnapshot, StagingPool, frozen_identities
 from .topology import Topology
@@ -236,11 +237,15 @@ class CheckpointManager:
             for component in self.components:
                 if writes(component, topo):
                     frozen = frozen_identities(component.stateful, optimizers) if component.key in self._incremental else ()
-                    plan = self._pool.plan(component.key, component.stateful.state_dict(), frozen=frozen)
+                    state, chunks = component.stateful.state_dict(), None
+                    if component.sharing_pattern is SharingPattern.SHARDED:  # local chunks only, never compressed
+                        state, chunks = shard_state(state, topo.rank, safetensors=component.file_format is FileFormat.SAFETENSORS)
+                    plan = self._pool.plan(component.key, state, frozen=frozen)
                     if not overlap:
                         plan.run()
                     plans.append(plan)
-                    tasks.append(FileTask(component, file_name(component, topo, self._ctx.codec is not None), slot(component, topo), plan.staged))
+                    name = file_name(component, topo, self._ctx.codec is not None and chunks is None)
+                    tasks.append(FileTask(component, name, slot(component, topo), plan.staged, chunks))
             faults.hit("after_snapshot", topo.rank)
             background = BackgroundSnapshot(plans, self._copier) if overlap else None  # last: nothing can fail after it starts
         except Exception as exc:

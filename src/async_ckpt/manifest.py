@@ -20,7 +20,7 @@ from .errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNot
 from .layout import MANIFEST_NAME
 from .storage import WrittenFile, hash_file, safe_member, write_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SHARDED files carry chunk records; version 1 manifests read unchanged
 MAX_MANIFEST_BYTES = 64 << 20  # a larger manifest is refused rather than parsed
 
 
@@ -33,7 +33,9 @@ class FileEntry:
     codec: str | None  # None or "zstd"
     rank: int  # the rank that wrote it
     component: str  # component key
-    slot: str  # "global", "rank:N", "group:NAME:I" or "node:N"
+    slot: str  # "global", "rank:N", "group:NAME:I", "node:N" or "shard:N"
+    chunks: list[dict[str, Any]] | None = None  # SHARDED: one record per chunk (sharded_io)
+    pickle: list | None = None  # SHARDED torch file: [start, end, xxh3] of its data.pkl record
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,19 @@ class Manifest:
     def to_json(self) -> str:
         """The manifest as indented JSON. Entries are flat, so a shallow conversion does what
         ``dataclasses.asdict`` does without its deep copy, which costs rank 0 at every commit."""
-        top = {**vars(self), "components": {k: vars(c) for k, c in self.components.items()}, "files": {k: vars(f) for k, f in self.files.items()}}
+        top = {**vars(self), "components": {k: vars(c) for k, c in self.components.items()}, "files": {k: _file_json(f) for k, f in self.files.items()}}
         return json.dumps(top, indent=2, sort_keys=False)
 
     def files_of(self, component: str) -> dict[str, FileEntry]:
         return {name: entry for name, entry in self.files.items() if entry.component == component}
+
+
+def _file_json(entry: FileEntry) -> dict[str, Any]:
+    """A file entry as JSON: the SHARDED fields only where they are set (other files read as in version 1)."""
+    out = vars(entry)
+    if entry.chunks is None and entry.pickle is None:
+        return {k: v for k, v in out.items() if k not in ("chunks", "pickle")}
+    return out
 
 
 def build_manifest(
@@ -223,7 +233,52 @@ def _file_entry(entry: Any) -> FileEntry:
     xxh3 = entry["xxh3"]
     if not isinstance(xxh3, str):
         raise TypeError("xxh3 is not a string")
-    return FileEntry(size=_int(entry["size"]), xxh3=xxh3, codec=codec, rank=_int(entry["rank"]), component=str(entry["component"]), slot=str(entry["slot"]))
+    chunks = entry.get("chunks")
+    if chunks is not None:
+        if not isinstance(chunks, list):
+            raise TypeError("'chunks' is not a list")
+        chunks = [_chunk_record(c) for c in chunks]
+    pickle = entry.get("pickle")
+    if pickle is not None and not (isinstance(pickle, list) and len(pickle) == 3 and isinstance(pickle[2], str)):
+        raise TypeError("'pickle' is not [start, end, xxh3]")
+    if pickle is not None:
+        _span(pickle[:2])
+    return FileEntry(
+        size=_int(entry["size"]), xxh3=xxh3, codec=codec, rank=_int(entry["rank"]), component=str(entry["component"]), slot=str(entry["slot"]),
+        chunks=chunks, pickle=pickle,
+    )
+
+
+_CHUNK_DTYPES = {str(t).removeprefix("torch.") for t in vars(torch).values() if isinstance(t, torch.dtype)}
+
+
+def _chunk_record(record: Any) -> dict[str, Any]:
+    """Check one SHARDED chunk record: a hostile manifest must not make a reader misbehave."""
+    if not isinstance(record, dict):
+        raise TypeError("chunk record is not an object")
+    shape, offsets, lengths = ([_int(n) for n in record[k]] for k in ("shape", "offsets", "lengths"))
+    if not (len(shape) == len(offsets) == len(lengths)) or any(o + n > s for o, n, s in zip(offsets, lengths, shape)):
+        raise ValueError(f"chunk of {record.get('fqn')!r} does not fit its tensor")
+    if record["dtype"] not in _CHUNK_DTYPES:
+        raise ValueError(f"unknown dtype {record['dtype']!r}")
+    start, end = _span(record["range"])
+    numel = 1
+    for n in lengths:
+        numel *= n
+    if end - start != numel * getattr(torch, record["dtype"]).itemsize:
+        raise ValueError(f"byte range of {record.get('fqn')!r} does not match its shape")
+    if not isinstance(record["path"], list) or not isinstance(record["fqn"], str) or not isinstance(record["xxh3"], str):
+        raise TypeError("chunk path, fqn or xxh3 has the wrong type")
+    return dict(record)
+
+
+def _span(span: Any) -> tuple[int, int]:
+    if not isinstance(span, list) or len(span) != 2:
+        raise TypeError("byte range is not [start, end]")
+    start, end = _int(span[0]), _int(span[1])
+    if end < start:
+        raise ValueError("byte range ends before it starts")
+    return start, end
 
 
 def _component_entry(entry: Any) -> ComponentEntry:

@@ -11,6 +11,13 @@ only, so it is written with ``torch.save`` and read back with ``torch.load(weigh
      "torch_initial_seed": int}                                    # informational only
 
 Each rank has its own generators, so the component is PER_RANK (``rng_state_rank_N.pt``).
+
+Another world size. Streams cannot map one to one when a job resumes on more or fewer ranks,
+so each new rank's state is derived deterministically from the saved ones (``rederive``):
+rank ``r`` below the saved world size keeps saved rank ``r``'s state exactly; a rank beyond it
+gets fresh generators seeded with ``xxh3_64(saved rank r % W's torch CPU state || r)``, so
+the same resume always draws the same numbers and no two new ranks share a stream. Rank 0 logs
+one warning; the load is never refused for it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import random
 from typing import Any, NoReturn
 
 import torch
+import xxhash
 
 from .components import SharingPattern, StateComponent
 from .errors import CheckpointLoadError
@@ -92,8 +100,39 @@ class RNGState:
                 np.random.set_state(numpy_state)
             if cuda is not None:
                 _restore_cuda(cuda)
+            if isinstance(state_dict.get("cuda_seed"), int) and torch.cuda.is_available():
+                torch.cuda.manual_seed_all(state_dict["cuda_seed"])  # a re-derived rank (rederive)
         except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
             _fail(f"{type(exc).__name__}: {exc}")
+
+
+    def rederive(self, saved: dict[str, Any], rank: int, saved_world_size: int) -> dict[str, Any]:
+        """This rank's state on a job of another world size, from saved rank ``rank % saved_world_size``.
+
+        Called by the loader on the training thread, before anything is applied; pure (returns
+        a new state dict, touches no generator). See the module docstring for the rule.
+        """
+        if rank == 0:
+            logger.warning(
+                "RNG state was saved by %d rank(s); re-deriving per-rank generators for this world size "
+                "(ranks below %d keep their saved streams, the others are seeded from them): random draws "
+                "differ from an uninterrupted run on the old world size", saved_world_size, saved_world_size,
+            )
+        if rank < saved_world_size:
+            return saved
+        source = _byte_tensor(_require(saved, "torch_cpu", torch.Tensor), "torch_cpu")
+        seed = xxhash.xxh3_64_intdigest(bytes(source.numpy()) + rank.to_bytes(8, "little"))
+        out: dict[str, Any] = {**saved, "torch_cpu": torch.Generator().manual_seed(seed).get_state()}
+        version, internal, gauss = random.Random(seed).getstate()
+        out["python"] = {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss}
+        if np is not None and "numpy" in saved:
+            name, keys, pos, has_gauss, cached = np.random.RandomState(seed % 2**32).get_state(legacy=True)
+            out["numpy"] = {"bit_generator": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        if "cuda" in saved:  # a CUDA generator's state is not a CPU one's: seeded at load instead
+            del out["cuda"]
+            out["cuda_seed"] = seed
+        return out
 
 
 def rng_component(key: str = "rng") -> StateComponent:

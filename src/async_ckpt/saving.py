@@ -22,6 +22,7 @@ from .handle import SaveHandle
 from .manifest import FileEntry, build_manifest, write_manifest
 from .retention import apply_retention
 from .serialization import write_safetensors, write_torch
+from .sharded_io import write_shard
 from .staging import BackgroundSnapshot
 from .storage import FileSink, WrittenFile, write_file
 
@@ -36,6 +37,7 @@ class FileTask:
     name: str
     slot: str
     state: Any
+    chunks: list[dict[str, Any]] | None = None  # SHARDED: chunk records known before writing
 
 
 @dataclass
@@ -132,12 +134,12 @@ def _write_all(ctx: SaveContext, job: SaveJob) -> Report:
     for future in concurrent.futures.as_completed(futures):
         task = futures[future]
         try:
-            written: WrittenFile = future.result()
+            written, extra = future.result()
         except Exception as exc:
             if not error:
                 error = describe(f"{type(exc).__name__}: {exc}", rank=ctx.rank, step=job.step, component=task.component.key, phase="write", path=job.staging / task.name)
             continue
-        entry = FileEntry(size=written.size, xxh3=written.xxh3, codec=written.codec, rank=ctx.rank, component=task.component.key, slot=task.slot)
+        entry = FileEntry(size=written.size, xxh3=written.xxh3, codec=written.codec, rank=ctx.rank, component=task.component.key, slot=task.slot, **extra)
         files[written.name] = dict(vars(entry))
     if error:
         return Report(rank=ctx.rank, ok=False, error=error)
@@ -146,8 +148,13 @@ def _write_all(ctx: SaveContext, job: SaveJob) -> Report:
     return Report(rank=ctx.rank, ok=True, files=files)
 
 
-def _write_one(ctx: SaveContext, directory: Path, task: FileTask) -> WrittenFile:
+def _write_one(ctx: SaveContext, directory: Path, task: FileTask) -> tuple[WrittenFile, dict[str, Any]]:
     """I/O thread: serialize one component straight from its staged buffers into a file."""
+    if task.chunks is not None:  # SHARDED: chunk records with byte ranges and hashes
+        safetensors = task.component.file_format is FileFormat.SAFETENSORS
+        written, chunks, pickle = write_shard(directory, task.name, task.state, task.chunks, safetensors=safetensors, produce_hook=lambda: faults.hit("mid_write", ctx.rank))
+        faults.hit("before_rename", ctx.rank)
+        return written, {"chunks": chunks, "pickle": pickle}
 
     def produce(sink: FileSink) -> None:
         if task.component.file_format is FileFormat.SAFETENSORS:
@@ -158,7 +165,7 @@ def _write_one(ctx: SaveContext, directory: Path, task: FileTask) -> WrittenFile
 
     written = write_file(directory, task.name, produce, codec=ctx.codec, level=ctx.level)
     faults.hit("before_rename", ctx.rank)  # the file is durable; the directory rename is what commits
-    return written
+    return written, {}
 
 
 class _FaultSink:

@@ -247,3 +247,30 @@ def test_cuda_device_count_mismatch_restores_the_common_devices(caplog):
         RNGState().load_state_dict(sd)
     assert torch.equal(torch.randn(8, device="cuda:0").cpu(), expected)
     assert "restoring the first" in caplog.text
+
+
+def test_rederive_on_another_world_size_is_deterministic_and_distinct(caplog) -> None:
+    """Ranks below the saved world size keep their streams; the others get distinct derived ones."""
+    import logging
+
+    from async_ckpt.rng import RNGState
+
+    rng = RNGState()
+    torch.manual_seed(1)
+    saved0 = rng.state_dict()
+    torch.manual_seed(2)
+    saved1 = rng.state_dict()
+    with caplog.at_level(logging.WARNING, logger="async_ckpt.rng"):
+        assert rng.rederive(saved1, 1, 2) is saved1
+    assert sum("re-deriving" in r.message for r in caplog.records) == 0  # rank 0 alone warns
+    with caplog.at_level(logging.WARNING, logger="async_ckpt.rng"):
+        rng.rederive(saved0, 0, 2)
+    assert sum("re-deriving" in r.message for r in caplog.records) == 1
+
+    def draws(state: dict) -> torch.Tensor:
+        rng.load_state_dict(state)
+        return torch.rand(4)
+
+    new2, new3 = rng.rederive(saved0, 2, 2), rng.rederive(saved1, 3, 2)
+    assert torch.equal(draws(new2), draws(rng.rederive(saved0, 2, 2)))  # deterministic
+    assert not torch.equal(draws(new2), draws(new3)) and not torch.equal(draws(new2), draws(saved0))

@@ -127,6 +127,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print()
     rows = [(name, f.component, f.slot, human(f.size), f.codec or "-", f.xxh3) for name, f in manifest.files.items()]
     table(["file", "component", "slot", "size", "codec", "xxh3"], rows)
+    for comp in (c for c in manifest.components.values() if c.sharing_pattern == "sharded"):
+        from ..sharded_read import layout_rows
+
+        print(f"\nsharded component '{comp.key}': global shapes and saved layout")
+        table(["tensor", "global shape", "dtype", "chunks", "written by"], layout_rows(manifest, comp.key))
     if manifest.timings:
         print()
         phases = sorted({p for t in manifest.timings.values() for p in t})

@@ -33,6 +33,7 @@ from .. import SharingPattern, ValidationLevel
 from .args import TrainingArguments
 from .base import BaseTrainer
 from .data import batch_rows, build_dataloader, split_batch
+from .positions import SizedPosition
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,11 @@ class DDPTrainer(DistributedRanks, BaseTrainer):
         if key == "dataset":
             return (SharingPattern.GLOBAL if self.args.dispatch_batches else SharingPattern.PER_RANK), ValidationLevel.NONE
         return SharingPattern.PER_RANK, ValidationLevel.NONE
+
+    def _component(self, key: str, stateful: Any, **kwargs: Any) -> Any:
+        if key == "dataset":  # another world size: the epoch restarts rather than resuming at wrong samples
+            stateful = SizedPosition(stateful, self.world_size, self.rank)
+        return super()._component(key, stateful, **kwargs)
 
     def _fetch_batch(self) -> Any:
         if self.args.dispatch_batches:
