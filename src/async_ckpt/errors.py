@@ -67,3 +67,11 @@ class CheckpointLoadError(CheckpointError):
 
 class ReplicationValidationError(CheckpointSaveError):
     """Ranks disagree on a component saved as REPLICATED; raised on every rank."""
+
+
+class UnsupportedStateError(CheckpointSaveError):
+    """A component's state holds a value its file format cannot give back; raised when it is saved.
+
+    The message names the component and the key path and says what to return from
+    ``state_dict()`` instead. The save does not commit (docs/format.md lists the rules).
+    """

@@ -23,7 +23,7 @@ from . import faults
 from .commit import CommitChannel, Report
 from .config import check_args, check_incremental, default_io_threads, describe_component, lower_priority
 from .coordination import Coordinator, coordination_group
-from .components import StateComponent, ValidationLevel, check_components
+from .components import FileFormat, StateComponent, ValidationLevel, check_components
 from .draining import _OPEN, drain_at_exit, log_drained, steps_text
 from .errors import (
     CheckpointConfigError,
@@ -228,7 +228,8 @@ class CheckpointManager:
             for component in self.components:
                 if writes(component, topo):
                     frozen = frozen_identities(component.stateful, optimizers) if component.key in self._incremental else ()
-                    plan = self._pool.plan(component.key, component.stateful.state_dict(), frozen=frozen)
+                    flat = component.file_format is FileFormat.SAFETENSORS
+                    plan = self._pool.plan(component.key, component.stateful.state_dict(), frozen=frozen, flat=flat)
                     if not overlap:
                         plan.run()
                     plans.append(plan)
