@@ -13,7 +13,6 @@ import json
 import logging
 import pickle
 import struct
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import safetensors.torch
 import torch
 
 from . import plain, torchfile
-from .errors import CheckpointCorruptError, CheckpointError
+from .errors import CheckpointCorruptError
 
 logger = logging.getLogger(__name__)
 
