@@ -79,3 +79,11 @@ class CheckpointLockError(CheckpointError):
 
 class CheckpointSpaceError(CheckpointSaveError):
     """A save refused before writing anything: the free space is clearly below the last checkpoint's size."""
+
+
+class UnsupportedStateError(CheckpointSaveError):
+    """A component's state holds a value its file format cannot give back; raised when it is saved.
+
+    The message names the component and the key path and says what to return from
+    ``state_dict()`` instead. The save does not commit (docs/format.md lists the rules).
+    """

@@ -1,8 +1,10 @@
 """The load half: pick the newest checkpoint that verifies, read this rank's files, restore.
 
-Runs on the training thread. Reading and verifying happen before any component is touched, so
-a damaged checkpoint is skipped (auto-resume) or refused (explicit path) without leaving the
-model half-loaded. Cross-rank agreement is the manager's job (it gathers ``problems``).
+Runs on the training thread. Reading, verifying and checking that every component fits
+(``applying.check_states``) happen before any component is touched, so a damaged checkpoint is
+skipped (auto-resume) or refused (explicit path, or one that does not fit) without leaving the
+model half-loaded; ``applying.apply_all`` restores all components or none. Cross-rank agreement
+is the manager's job (it gathers ``problems``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .applying import apply_all, check_states
 from .components import SharingPattern, StateComponent
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointLoadError, CheckpointNotFoundError
 from .layout import list_committed, slot
@@ -121,21 +124,11 @@ def _absent(plan: ReadPlan, component: StateComponent, reason: str, strict: bool
         plan.skipped[component.key] = reason
 
 
-def apply_states(plan: ReadPlan, components: list[StateComponent], path: Path, rank: int) -> LoadResult:
-    """Restore every read component into its live object, in component order."""
+def apply_states(plan: ReadPlan, components: list[StateComponent], path: Path, rank: int,
+                 gather: Callable[[Any], list[Any]] = lambda x: [x]) -> LoadResult:
+    """Restore every read component into its live object, or leave them all as they were (``applying``)."""
     assert plan.manifest is not None
-    loaded = []
-    for component in components:
-        if component.key not in plan.states:
-            continue
-        try:
-            component.stateful.load_state_dict(plan.states[component.key])
-        except Exception as exc:
-            raise CheckpointLoadError(
-                f"[rank {rank} step {plan.manifest.step} component '{component.key}'] load_state_dict failed: "
-                f"{type(exc).__name__}: {exc} (path: {path})"
-            ) from exc
-        loaded.append(component.key)
+    loaded = apply_all(plan.states, components, rank=rank, step=plan.manifest.step, path=path, gather=gather)
     for key, reason in plan.skipped.items():
         logger.warning("[rank %d step %d] skipped optional component '%s': %s", rank, plan.manifest.step, key, reason)
     return LoadResult(step=plan.manifest.step, path=path, loaded=loaded, skipped=sorted(plan.skipped))
@@ -173,6 +166,7 @@ def load_checkpoint(
         plan = read_candidate(path, components, topology, verify=verify, strict=strict)
         if any(_layout_bound(c) for c in components):  # SHARDED, shared and RNG state load on any mesh
             plan.refusal = mesh_refusal(plan.manifest, mesh) or plan.refusal  # another mesh: the one reason
+        plan.refusal = plan.refusal or check_states(plan.states, components)  # fit checked before anything is touched
         verdicts = gather((plan.damage, plan.refusal, plan.too_new))
         damage = by_rank([v[0] for v in verdicts])
         refusal = by_rank([v[1] for v in verdicts])
@@ -185,14 +179,7 @@ def load_checkpoint(
             continue
         if refusal:
             raise CheckpointLoadError(f"Cannot load {path} into this job: " + "; ".join(refusal))
-        try:
-            result, failure = apply_states(plan, components, path, topology.rank), ""
-        except CheckpointLoadError as exc:
-            result, failure = None, str(exc)
-        failures = [f for f in gather(failure) if f]
-        if failures:  # the same error on every rank; state already restored stays restored
-            raise CheckpointLoadError("; ".join(failures))
-        assert result is not None
+        result = apply_states(plan, components, path, topology.rank, gather)  # all or nothing, agreed by every rank
         logger.info("[rank %d step %d] loaded %s: loaded=%s skipped=%s", topology.rank, result.step, path, result.loaded, result.skipped)
         return result
     if skipped_reasons:

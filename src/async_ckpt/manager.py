@@ -240,7 +240,8 @@ class CheckpointManager:
                     state, chunks = component.stateful.state_dict(), None
                     if component.sharing_pattern is SharingPattern.SHARDED:  # local chunks only, never compressed
                         state, chunks = shard_state(state, topo.rank, safetensors=component.file_format is FileFormat.SAFETENSORS)
-                    plan = self._pool.plan(component.key, state, frozen=frozen)
+                    flat = component.file_format is FileFormat.SAFETENSORS
+                    plan = self._pool.plan(component.key, state, frozen=frozen, flat=flat)
                     if not overlap:
                         plan.run()
                     plans.append(plan)

@@ -13,35 +13,37 @@ import json
 import logging
 import pickle
 import struct
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import safetensors.torch
 import torch
 
-from . import torchfile
-from .errors import CheckpointCorruptError, CheckpointError
+from . import plain, torchfile
+from .errors import CheckpointCorruptError
 
 logger = logging.getLogger(__name__)
 
 ALIASES_KEY = "async_ckpt.aliases"  # safetensors metadata: {alias name: stored name} for tied tensors
 
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        _DTYPES[getattr(torch, _name)] = _code
+DTYPES_KEY = "async_ckpt.dtypes"  # safetensors metadata: {name: torch dtype} for dtypes with no safetensors code
+
+
+def _safetensors_codes() -> dict[torch.dtype, str]:
+    """The dtypes this safetensors reads back natively, with their codes (its own table where it has one)."""
+    table = getattr(safetensors.torch, "_TYPES", None)
+    if isinstance(table, dict) and table:
+        return {dtype: code for code, dtype in table.items()}
+    codes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    for name, code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+        if hasattr(torch, name):
+            codes[getattr(torch, name)] = code
+    return codes
+
+
+_DTYPES = _safetensors_codes()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -74,21 +76,23 @@ def split_aliases(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
 def write_safetensors(sink: Any, state: Mapping[str, Any], *, component: str = "model") -> None:
     """Stream a flat ``{name: tensor}`` dict in the safetensors format into ``sink``.
 
-    Tensors must be contiguous CPU tensors (the staged buffers are). Tied tensors are written
-    once; their other names go into the metadata and are restored by ``read_safetensors``.
+    Tensors must be dense CPU tensors (the staged buffers are) under str names other than
+    ``__metadata__`` (``plain.check_flat``). Tied tensors are written once; their other names go
+    into the metadata and are restored by ``read_safetensors``, as are dtypes with no safetensors
+    code (``_as_raw_bytes``).
     """
     for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(
-                f"Component '{component}' cannot be written as safetensors: entry {name!r} is a "
-                f"{type(value).__name__}, not a tensor. Use StateComponent(..., file_format='torch')."
-            )
-        if value.dtype not in _DTYPES:
-            raise CheckpointError(f"Component '{component}': dtype {value.dtype} of {name!r} has no safetensors code.")
+        plain.check_flat(component, name, value)
     stored, aliases = split_aliases(state)
+    stored, raw = _as_raw_bytes(stored)
     header: dict[str, Any] = {}
+    metadata = {}
     if aliases:
-        header["__metadata__"] = {ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
+        metadata[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    if raw:
+        metadata[DTYPES_KEY] = json.dumps(raw, sort_keys=True)
+    if metadata:
+        header["__metadata__"] = metadata
     offset = 0
     for name, tensor in stored.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -106,11 +110,15 @@ def read_safetensors(data: bytes, *, path: Any = None) -> dict[str, torch.Tensor
     """Parse safetensors bytes into a state dict, re-tying aliased names."""
     try:
         state = safetensors.torch.load(data)
-        aliases = json.loads(_safetensors_metadata(data).get(ALIASES_KEY, "{}"))
-        if not isinstance(aliases, dict):
-            raise ValueError(f"{ALIASES_KEY} is not an object")
+        metadata = _safetensors_metadata(data)
+        aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
+        dtypes = json.loads(metadata.get(DTYPES_KEY, "{}"))
+        if not isinstance(aliases, dict) or not isinstance(dtypes, dict):
+            raise ValueError(f"{ALIASES_KEY} or {DTYPES_KEY} is not an object")
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise CheckpointCorruptError(f"Cannot parse safetensors file {path}: {exc}") from None
+    for name, dtype in dtypes.items():
+        state[name] = _from_raw_bytes(state.get(name), dtype, name, path)
     for alias, target in aliases.items():
         if target not in state:
             raise CheckpointCorruptError(f"Safetensors file {path}: alias {alias!r} points to missing {target!r}")
@@ -118,47 +126,46 @@ def read_safetensors(data: bytes, *, path: Any = None) -> dict[str, torch.Tensor
     return state
 
 
+def _as_raw_bytes(stored: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of dtypes with no safetensors code (complex128, float8_e8m0fnu, bits, ...) as uint8.
+
+    Each becomes a ``uint8`` tensor of shape ``[*shape, element_size]`` holding its bytes, and its
+    dtype goes into the metadata (``DTYPES_KEY``); ``read_safetensors`` views it back. A stock
+    loader sees the uint8 tensor, never wrong numbers under the right name and dtype.
+    """
+    raw = {name: str(t.dtype).removeprefix("torch.") for name, t in stored.items() if t.dtype not in _DTYPES}
+    if not raw:
+        return stored, raw
+    out = dict(stored)
+    for name in raw:
+        tensor = stored[name].contiguous()
+        out[name] = tensor.reshape(-1).view(torch.uint8).reshape(*tensor.shape, tensor.element_size())
+    return out, raw
+
+
+def _from_raw_bytes(tensor: Any, dtype_name: Any, name: str, path: Any) -> torch.Tensor:
+    dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    if not isinstance(dtype, torch.dtype) or not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 \
+            or not tensor.dim() or tensor.shape[-1] != torch.empty(0, dtype=dtype).element_size():
+        raise CheckpointCorruptError(f"Safetensors file {path}: {DTYPES_KEY} entry {name!r}: {dtype_name!r} does not match the tensor")
+    return tensor.reshape(-1).view(dtype).reshape(tensor.shape[:-1])
+
+
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
     (length,) = struct.unpack("<Q", data[:8])
     return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
-_PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, torch.Tensor)
-
-
-def check_plain(state: Any, *, component: str, path: str = "") -> None:
-    """Refuse what ``torch.load(weights_only=True)`` would refuse, before it is written.
-
-    A checkpoint that commits but can never load is worse than a save that fails: the error names
-    the component and where in its state dict the offending value sits.
-    """
-    if isinstance(state, _PLAIN_LEAVES):
-        return
-    if type(state) in (dict, OrderedDict):
-        for key, value in state.items():
-            if not isinstance(key, (str, int, float, bool, type(None))):
-                raise CheckpointError(f"Component '{component}': key {key!r} at '{path or '<root>'}' is a {type(key).__name__}; use str or int keys.")
-            check_plain(value, component=component, path=f"{path}.{key}" if path else str(key))
-        return
-    if type(state) in (list, tuple, set):
-        for index, value in enumerate(state):
-            check_plain(value, component=component, path=f"{path}.{index}" if path else str(index))
-        return
-    raise CheckpointError(
-        f"Component '{component}': value at '{path or '<root>'}' is a {type(state).__module__}.{type(state).__qualname__}, "
-        "which torch.load(weights_only=True) refuses. Return tensors and plain containers "
-        "(dict, list, tuple, str, int, float, bool, None) from state_dict()."
-    )
-
-
 def write_torch(sink: Any, state: Any, *, component: str = "?") -> None:
     """``torch.save`` a state made of plain containers and tensors into ``sink``.
+
+    ``state`` is a staged copy (``StagingPool.plan``), whose walk already refused or converted
+    every value ``torch.load(weights_only=True)`` would refuse (``plain``): no second walk here.
 
     Written by ``torchfile.save`` (the same format, without CRC32 and with far less Python per
     tensor, which matters because the training thread waits for the GIL meanwhile); plain
     ``torch.save`` where this torch's zip writer differs or a tensor is not a dense CPU one.
     """
-    check_plain(state, component=component)
     if torchfile.writer_available():
         try:
             return torchfile.save(state, sink)

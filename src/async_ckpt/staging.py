@@ -2,14 +2,14 @@
 
 ``StagingPool.stage`` is called on the training thread inside ``save()``: it copies every tensor
 of a state dict into a buffer kept from the previous save (same component, path, shape and
-dtype), deep-copies everything else, and returns the copy. On CUDA the buffers are pinned and the
-copies are issued non-blocking on a side stream, synchronised before the copy is handed over.
+dtype), copies the containers, keeps the plain leaves (refusing or converting, by ``plain``'s
+rules, what would not load), and returns the copy. On CUDA the buffers are pinned and the copies are issued non-blocking on a side stream, synchronised before the copy is handed over.
 The background threads read the returned copy while the training thread goes on; the pool must
 not be staged into again until they are done (the manager guarantees it: one save holds the
 buffers at a time).
 
-A stage is two halves: ``plan`` (training thread: walk the state, pick buffers, deep-copy the
-non-tensors, decide what to skip) and ``StagePlan.run`` (the tensor bytes; any thread). Overlap
+A stage is two halves: ``plan`` (training thread: walk the state, pick buffers, copy the
+containers, decide what to skip) and ``StagePlan.run`` (the tensor bytes; any thread). Overlap
 mode (``BackgroundSnapshot``) runs the second half on a helper thread while forward and backward
 compute.
 
@@ -24,7 +24,6 @@ parameters an optimizer holds, and the ``verify`` mode that checks the skipped b
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import logging
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import plain
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class _Fill:
 class _Copy:
     source: torch.Tensor
     buffer: torch.Tensor
-    where: tuple[str, str]  # (component key, path)
+    where: tuple[str, tuple]  # (component key, typed key path)
     version: int | None  # the source's version counter when planned (None: inference tensor)
 
 
@@ -108,7 +108,7 @@ class StagePlan:
 
     def changed(self, part: str = "all") -> list[str]:
         """Paths (of ``part``) whose source changed, by its version counter, since ``plan``: a torn copy."""
-        return [f"{c.where[0]}{c.where[1]}" for c in self._part(part) if c.version is not None and _version(c.source) != c.version]
+        return [f"{c.where[0]}.{plain.show(c.where[1])}" for c in self._part(part) if c.version is not None and _version(c.source) != c.version]
 
     def _part(self, part: str) -> list[_Copy]:
         if part == "all":
@@ -122,22 +122,22 @@ class StagePlan:
 
 
 class StagingPool:
-    """Reusable host buffers, keyed by (component, path in the state dict, shape, dtype)."""
+    """Reusable host buffers, keyed by (component, typed key path in the state dict), kept while shape and dtype match."""
 
     def __init__(self, pin_memory: bool | None = None, *, verify_incremental: bool = False) -> None:
         self._pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._verify = verify_incremental  # compare the bytes of every skipped tensor (debug)
-        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
-        self._filled: dict[tuple[str, str], _Fill] = {}
+        self._buffers: dict[str, dict[tuple, torch.Tensor]] = {}  # component -> typed key path -> buffer
+        self._filled: dict[tuple[str, tuple], _Fill] = {}
         self._stream: Any = None
         self.stats = PoolStats()
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the pool's buffers."""
-        return sum(_nbytes(buf) for buf in self._buffers.values())
+        return sum(_nbytes(buf) for buffers in self._buffers.values() for buf in buffers.values())
 
-    def stage(self, key: str, state: Any, *, frozen: Collection[tuple] = ()) -> Any:
+    def stage(self, key: str, state: Any, *, frozen: Collection[tuple] = (), flat: bool = False) -> Any:
         """Return a point-in-time copy of ``state`` whose tensors live in this pool's buffers.
 
         Called on the training thread. Blocks until every copy (including device-to-host copies
@@ -145,35 +145,28 @@ class StagingPool:
         copy, so ties survive. ``frozen``: identities (``frozen_identities``) of tensors that
         may be left in place when unchanged since their buffer was filled.
         """
-        plan = self.plan(key, state, frozen=frozen)
+        plan = self.plan(key, state, frozen=frozen, flat=flat)
         plan.run()
         return plan.staged
 
-    def plan(self, key: str, state: Any, *, frozen: Collection[tuple] = ()) -> StagePlan:
+    def plan(self, key: str, state: Any, *, frozen: Collection[tuple] = (), flat: bool = False) -> StagePlan:
         """Build the copy of ``state`` without copying tensor bytes yet (``StagePlan.run`` does).
 
-        Training thread. Allocates missing buffers, deep-copies non-tensor values, and decides
-        which frozen tensors are skipped; with ``verify_incremental`` raises ``CheckpointError``
-        when a skipped tensor's bytes differ from its buffer's.
+        Training thread. Allocates missing buffers (keyed by the typed key path, so ``{0: a,
+        "0": b}`` or ``{"a.b": a, "a": {"b": b}}`` get one buffer each), releases the buffers of
+        paths the state no longer has, copies the non-tensors, and decides which frozen tensors
+        are skipped. The same walk applies the type rules of ``plain``: a value that would not
+        load raises ``UnsupportedStateError`` naming ``key`` and its path, before anything is
+        written. ``flat``: the component is a safetensors file (a flat dict of dense tensors).
+        With ``verify_incremental`` raises ``CheckpointError`` when a skipped tensor's bytes
+        differ from its buffer's.
         """
         self.stats.bytes_copied = self.stats.bytes_skipped = 0
         plan = StagePlan(self)
-        memo: dict[tuple, torch.Tensor] = {}
-
-        def visit(value: Any, path: str) -> Any:
-            if isinstance(value, torch.Tensor):
-                return self._plan_tensor(plan, key, path, value, memo, frozen)
-            if isinstance(value, Mapping):
-                items = [(k, visit(v, f"{path}.{k}")) for k, v in value.items()]
-                return type(value)(items) if type(value) in (dict, OrderedDict) else dict(items)
-            if isinstance(value, list):
-                return [visit(v, f"{path}.{i}") for i, v in enumerate(value)]
-            if isinstance(value, tuple) and not hasattr(value, "_fields"):
-                return tuple(visit(v, f"{path}.{i}") for i, v in enumerate(value))
-            return copy.deepcopy(value)
-
+        walk = _Walk(self, plan, key, frozen)
         with torch.no_grad():
-            plan.staged = visit(state, "")
+            plan.staged = walk.flat(state) if flat else walk.visit(state, ())
+        self._keep(key, walk.used)
         if any(c.source.is_cuda for c in plan.copies):
             plan.cuda_ready = torch.cuda.current_stream(next(c.source.device for c in plan.copies if c.source.is_cuda)).record_event()
         return plan
@@ -186,72 +179,159 @@ class StagingPool:
         """
 
         seen: set[tuple] = set()
+        used: dict[tuple, torch.Tensor] = {}
 
-        def visit(value: Any, path: str) -> None:
+        def visit(value: Any, path: tuple) -> None:
             if isinstance(value, torch.Tensor):
                 ident = _identity(value)
-                if value.layout is torch.strided and not (value.numel() and ident in seen):
+                if _dense(value) and not (value.numel() and ident in seen):
                     seen.add(ident)
-                    self._buffer(key, path, value, touch=True)
+                    used[path] = self._buffer(key, path, value, touch=True)
             elif isinstance(value, Mapping):
                 for k, v in value.items():
-                    visit(v, f"{path}.{k}")
+                    visit(v, (*path, k))
             elif isinstance(value, (list, tuple)):
                 for i, v in enumerate(value):
-                    visit(v, f"{path}.{i}")
+                    visit(v, (*path, i))
 
-        visit(state, "")
+        visit(state, ())
+        self._keep(key, used)
 
-    def _plan_tensor(self, plan: StagePlan, key: str, path: str, tensor: torch.Tensor, memo: dict[tuple, torch.Tensor], frozen: Collection[tuple]) -> torch.Tensor:
-        tensor = tensor.detach()  # shares the version counter with the parameter
-        if tensor.layout is not torch.strided:  # sparse and friends: rare, copied fresh each save
-            return tensor.to("cpu", copy=True)
-        ident = _identity(tensor)
-        if tensor.numel() and ident in memo:
-            return memo[ident]
-        buffer = self._buffer(key, path, tensor)
-        if tensor.numel():
-            memo[ident] = buffer
-        version = _version(tensor)
-        if ident in frozen and version is not None and self._unchanged((key, path), tensor, version):
-            if self._verify:
-                _check_same(key, path, tensor, buffer)
-            self.stats.bytes_skipped += _nbytes(buffer)
-            self.stats.total_skipped += _nbytes(buffer)
-            return buffer
-        plan.copies.append(_Copy(tensor, buffer, (key, path), version))
-        self.stats.bytes_copied += _nbytes(buffer)
-        self.stats.total_copied += _nbytes(buffer)
-        return buffer
+    def _keep(self, key: str, used: dict[tuple, torch.Tensor]) -> None:
+        """Keep only the buffers of ``key`` that the last walk used: paths that are gone free theirs."""
+        old = self._buffers.get(key, {})
+        self._buffers[key] = used
+        if old.keys() != used.keys():
+            for path in old.keys() - used.keys():
+                self._filled.pop((key, path), None)
 
     def _unchanged(self, where: tuple[str, str], tensor: torch.Tensor, version: int) -> bool:
         """Whether the buffer at ``where`` holds ``tensor``'s bytes at its current version."""
         fill = self._filled.get(where)
         return fill is not None and fill.version == version and fill.layout == _layout(tensor) and fill.storage() is tensor.untyped_storage()
 
-    def _buffer(self, key: str, path: str, tensor: torch.Tensor, touch: bool = False) -> torch.Tensor:
+    def _buffer(self, key: str, path: tuple, tensor: torch.Tensor, touch: bool = False) -> torch.Tensor:
         """The buffer for ``(key, path)``, allocated on first use or when shape or dtype change.
 
         ``touch`` writes zeros so the kernel maps every page now rather than during a save.
         """
-        buffer = self._buffers.get((key, path))
+        buffer = self._buffers.get(key, {}).get(path)
         if buffer is not None and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
             return buffer
         pin = self._pin and tensor.is_cuda
         buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
         if touch:
             buffer.zero_()
-        self._buffers[(key, path)] = buffer
         self._filled.pop((key, path), None)
         self.stats.allocations += 1
         self.stats.bytes_allocated += _nbytes(buffer)
-        logger.debug("staging: new buffer %s%s %s %s (pinned=%s)", key, path, tuple(tensor.shape), tensor.dtype, pin)
+        logger.debug("staging: new buffer %s.%s %s %s (pinned=%s)", key, plain.show(path), tuple(tensor.shape), tensor.dtype, pin)
         return buffer
 
     def _side_stream(self, device: torch.device) -> Any:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
         return self._stream
+
+
+class _Walk:
+    """One ``plan``'s walk over a state: copies the containers, plans the tensors, applies ``plain``'s rules.
+
+    Exact plain leaves are returned as they are (immutable); only other leaves go through
+    ``plain.plain_leaf``, so the rules cost nothing for the values state dicts are made of.
+    """
+
+    def __init__(self, pool: StagingPool, plan: StagePlan, key: str, frozen: Collection[tuple]) -> None:
+        self.pool, self.plan, self.key, self.frozen = pool, plan, key, frozen
+        self.memo: dict[tuple, torch.Tensor] = {}  # tensor identity -> its buffer (tied weights)
+        self.used: dict[tuple, torch.Tensor] = {}  # typed key path -> buffer, for this state
+
+    def visit(self, value: Any, path: tuple) -> Any:
+        cls = type(value)
+        if cls in _ATOMS:
+            return value
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, path)
+        if cls is dict or cls is OrderedDict:
+            return self.mapping(value, path, cls)
+        if cls is list:
+            return [self.visit(v, (*path, i)) for i, v in enumerate(value)]
+        if cls is tuple:
+            return tuple(self.visit(v, (*path, i)) for i, v in enumerate(value))
+        return self.other(value, path)
+
+    def flat(self, state: Any) -> dict:
+        """A safetensors component: a flat ``{str: dense tensor}`` dict, checked entry by entry."""
+        if not isinstance(state, Mapping):
+            raise plain.refuse(self.key, (), f"is a {type(state).__name__}, not a dict of tensors",
+                               "return a flat {name: tensor} dict, or use StateComponent(..., file_format='torch')")
+        out = {}
+        for name, value in state.items():
+            plain.check_flat(self.key, name, value)
+            out[name] = self.tensor(value, (name,))
+        return out
+
+    def mapping(self, value: Mapping, path: tuple, cls: type) -> Any:
+        out = cls()
+        for k, v in value.items():
+            if type(k) not in plain.KEY_TYPES:
+                k = plain.plain_key(k, self.key, path)
+            out[k] = self.visit(v, (*path, k))
+        if len(out) != len(value):
+            raise plain.refuse(self.key, path, f"has keys that become equal as plain keys ({sorted(map(repr, value))[:6]})",
+                               "give each entry a distinct str or int key")
+        metadata = getattr(value, "_metadata", None) if cls is OrderedDict else None
+        if metadata is not None:  # nn.Module versions, which load_state_dict reads
+            out._metadata = self.visit(metadata, (*path, "_metadata"))  # type: ignore[attr-defined]
+        return out
+
+    def other(self, value: Any, path: tuple) -> Any:
+        """Containers of other types become their plain kind; other leaves follow ``plain.plain_leaf``."""
+        if isinstance(value, Mapping):
+            return self.mapping(value, path, dict)
+        if isinstance(value, list):
+            return [self.visit(v, (*path, i)) for i, v in enumerate(value)]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(self.visit(v, (*path, i)) for i, v in enumerate(value))
+        if isinstance(value, (set, frozenset)):
+            return {self.visit(v, (*path, i)) for i, v in enumerate(value)}
+        if type(value) is bytearray:
+            return bytearray(value)
+        return plain.plain_leaf(value, self.key, path)
+
+    def tensor(self, tensor: torch.Tensor, path: tuple) -> torch.Tensor:
+        tensor = tensor.detach()  # shares the version counter with the parameter
+        if type(tensor) is not torch.Tensor or tensor.dtype not in plain.SAVEABLE_DTYPES or tensor.device.type == "meta":
+            plain.check_tensor(tensor, self.key, path)
+        if not _dense(tensor):  # sparse, quantized, nested: rare, copied fresh each save
+            return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
+        ident = _identity(tensor)
+        if tensor.numel() and ident in self.memo:
+            return self.memo[ident]
+        pool, key = self.pool, self.key
+        buffer = self.used[path] = pool._buffer(key, path, tensor)
+        if tensor.numel():
+            self.memo[ident] = buffer
+        version = _version(tensor)
+        nbytes = _nbytes(buffer)
+        if ident in self.frozen and version is not None and pool._unchanged((key, path), tensor, version):
+            if pool._verify:
+                _check_same(key, path, tensor, buffer)
+            pool.stats.bytes_skipped += nbytes
+            pool.stats.total_skipped += nbytes
+            return buffer
+        self.plan.copies.append(_Copy(tensor, buffer, (key, path), version))
+        pool.stats.bytes_copied += nbytes
+        pool.stats.total_copied += nbytes
+        return buffer
+
+
+_ATOMS = plain.ATOMS
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is copied into a reused buffer (strided, not quantized, not nested)."""
+    return tensor.layout is torch.strided and not tensor.is_quantized and not tensor.is_nested
 
 
 class BackgroundSnapshot:
@@ -348,13 +428,13 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _check_same(key: str, path: str, tensor: torch.Tensor, buffer: torch.Tensor) -> None:
+def _check_same(key: str, path: tuple, tensor: torch.Tensor, buffer: torch.Tensor) -> None:
     """``verify_incremental``: the skipped tensor's bytes must equal its buffer's."""
     source = tensor.to("cpu") if tensor.is_cuda else tensor
     same = torch.equal(source.contiguous().reshape(-1).view(torch.uint8), buffer.reshape(-1).view(torch.uint8)) if tensor.numel() else True
     if not same:
         raise CheckpointError(
-            f"Incremental staging: component '{key}' tensor '{path.lstrip('.')}' changed without bumping its "
+            f"Incremental staging: component '{key}' tensor '{plain.show(path)}' changed without bumping its "
             "version counter (written through .data, NumPy, DLPack, raw storage or a C extension). "
             "Write frozen parameters only through in-place torch ops, or drop the component from incremental."
         )

@@ -13,7 +13,9 @@ CRC32 off: ``torch.load`` never checks it and the manifest's xxh3 covers every b
 byte for byte the one ``torch.save`` writes (tested). Only dense CPU tensors of the exact
 ``torch.Tensor`` type are handled; ``writer_available`` says whether this torch's private zip
 writer works as used here (checked once by a round trip), and callers fall back to
-``torch.save`` otherwise. Runs on background I/O threads; it touches no other rank.
+``torch.save`` otherwise. Tensors of the dtypes ``torch.save`` stores untyped (float8, uint16-64,
+bits, complex32) are written as it writes them (``_rebuild_tensor_v3``). Runs on background I/O
+threads; it touches no other rank.
 """
 
 from __future__ import annotations
@@ -54,23 +56,47 @@ def _storage_type(dtype: torch.dtype) -> Any:
 class _Pickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=torch.serialization.DEFAULT_PROTOCOL)
-        self.dispatch_table = {**copyreg.dispatch_table, torch.Tensor: self._reduce_tensor}
+        self.dispatch_table = {**copyreg.dispatch_table, torch.Tensor: self._reduce_tensor,
+                               torch.UntypedStorage: _refuse_storage, torch.storage.TypedStorage: _refuse_storage}
         self.storages: dict[int, tuple[str, torch.UntypedStorage, torch.dtype]] = {}
 
     def persistent_id(self, obj: Any) -> Any:
         return obj.pid if type(obj) is _StorageRef else None
 
     def _reduce_tensor(self, tensor: torch.Tensor) -> tuple:
-        if tensor.device.type != "cpu" or tensor.layout is not torch.strided or tensor.is_quantized:
+        if tensor.device.type != "cpu" or tensor.layout is not torch.strided or tensor.is_quantized or tensor.is_nested:
             raise Unsupported(f"a {tensor.layout} tensor on {tensor.device}")
         storage = tensor.untyped_storage()
-        key, _, dtype = self.storages.setdefault(storage._cdata, (str(len(self.storages)), storage, tensor.dtype))
-        if dtype != tensor.dtype:
+        untyped = tensor.dtype in _UNTYPED  # float8, uint16..64, bits: torch.save writes them as v3
+        as_dtype = torch.uint8 if untyped else tensor.dtype  # what torch.save's shared-storage check compares
+        key, _, dtype = self.storages.setdefault(storage._cdata, (str(len(self.storages)), storage, as_dtype))
+        if dtype != as_dtype:
             raise Unsupported("one storage viewed as two dtypes")
-        pid = ("storage", _storage_type(tensor.dtype), key, "cpu", storage.nbytes() // tensor.element_size())
+        if untyped:
+            pid = ("storage", torch.UntypedStorage, key, "cpu", storage.nbytes())
+        else:
+            pid = ("storage", _storage_type(tensor.dtype), key, "cpu", storage.nbytes() // tensor.element_size())
         args: tuple = (_StorageRef(pid), tensor.storage_offset(), tuple(tensor.size()), tensor.stride(), tensor.requires_grad, OrderedDict())
+        if untyped:
+            args += (tensor.dtype,)
         metadata = torch._utils.get_tensor_metadata(tensor)
-        return torch._utils._rebuild_tensor_v2, args + (metadata,) if metadata else args
+        rebuild = torch._utils._rebuild_tensor_v3 if untyped else torch._utils._rebuild_tensor_v2
+        return rebuild, args + (metadata,) if metadata else args
+
+
+def _refuse_storage(storage: Any) -> tuple:
+    raise Unsupported(f"a bare {type(storage).__name__} (or a tensor subclass holding one)")
+
+
+def _untyped_dtypes() -> frozenset:
+    """The dtypes ``torch.save`` writes as an ``UntypedStorage`` with ``_rebuild_tensor_v3``."""
+    try:
+        return frozenset(torch.storage._new_dtypes())
+    except AttributeError:  # an older torch: none, or a KeyError in _storage_type sends it to torch.save
+        return frozenset()
+
+
+_UNTYPED = _untyped_dtypes()
 
 
 def save(state: Any, sink: Any) -> None:
@@ -81,7 +107,10 @@ def save(state: Any, sink: Any) -> None:
     """
     data = io.BytesIO()
     pickler = _Pickler(data)
-    pickler.dump(state)
+    try:
+        pickler.dump(state)
+    except KeyError as exc:  # a dtype this torch has no storage type for
+        raise Unsupported(f"no storage type for a dtype ({exc})") from None
     alignment = torch.serialization._get_storage_alignment()
     writer = torch._C.PyTorchFileWriter(sink, False, alignment)
     value = data.getvalue()
